@@ -1,0 +1,55 @@
+"""Which path runs an op: the fused Triton kernels or the plain-torch reference.
+
+``FASTDIFF_BACKEND=torch|triton`` forces a path for the whole process; an explicit
+``backend=`` argument forces it for one call. Otherwise CUDA tensors take Triton (when it
+imports) and everything else takes torch. Under ``TRITON_INTERPRET=1`` the Triton kernels
+also run on CPU tensors, which is how the test suite exercises them without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(available, reason) for the Triton path; imported lazily, never at package import."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return False, f"triton does not import: {type(exc).__name__}: {exc}"
+    return True, f"triton {triton.__version__}"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(backend: Optional[str], device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``; raise a clear error if it cannot run there."""
+    choice = backend or os.environ.get("FASTDIFF_BACKEND") or None
+    if choice is not None:
+        choice = choice.lower()
+        if choice not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} "
+                             "(from the backend= argument or FASTDIFF_BACKEND)")
+        if choice == "triton":
+            ok, why = triton_status()
+            if not ok:
+                raise RuntimeError(f"the triton backend was asked for but {why}")
+            if device.type != "cuda" and not interpreting():
+                raise RuntimeError(
+                    f"the triton backend needs CUDA tensors (got device {device}); set "
+                    "TRITON_INTERPRET=1 before triton is first imported to run the kernels on the CPU "
+                    "through Triton's interpreter, or use backend='torch'")
+        return choice
+    if device.type == "cuda" and triton_status()[0]:
+        return "triton"
+    return "torch"

@@ -1,0 +1,187 @@
+"""Counter-based Gaussian noise: Philox-4x32-10 keyed by (seed, global element index, step, stream).
+
+Noise for element g at step k is a pure function of (seed, g, k, stream), so it does not depend
+on the block size, the launch grid, graph capture, or how a batch is split across calls
+(Invariant 3 of DESIGN.md). One Philox call yields four 32-bit words, turned into four normals
+by two Box-Muller pairs: element g takes word g % 4 of the call with counter
+(g // 4, k, stream). Using all four words makes the generator cost a quarter of one call per
+element, which keeps the noisy steps memory-bound.
+
+Uniforms are (w >> 9 + 0.5) * 2**-23, exact in float32 and never 0 or 1, so log() is finite;
+the tails are therefore cut at |z| = sqrt(2 * 24 ln 2) ~ 5.77.
+
+The file holds the Triton device functions (used inside the step kernels), a standalone
+launcher that fills a tensor with noise, and a plain-torch implementation producing the same
+32-bit words bit for bit (the normals agree to float32 rounding of log/cos/sin).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..backend import resolve
+
+# Streams separate independent uses of one seed.
+STREAM_STEP = 0
+STREAM_INIT = 1
+
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_ROUNDS = 10
+_M32 = 0xFFFFFFFF
+_TWO_PI = 6.283185307179586
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised on platforms without triton
+    triton = None
+    tl = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def philox4(seed, c0, c1, c2, c3):
+        """Philox-4x32-10 on uint32 counter blocks; ``seed`` is a 64-bit scalar key."""
+        seed = seed.to(tl.uint64)
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        for _ in tl.static_range(10):
+            _c0 = c0
+            _c2 = c2
+            c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+            c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+            c1 = _c2 * 0xCD9E8D57
+            c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _uniform(w):
+        # 23 random bits + 0.5, times 2**-23: exact in float32, strictly inside (0, 1).
+        return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+    @triton.jit
+    def normal_block(seed, g0, step, stream, BLOCK: tl.constexpr):
+        """Normals for global element indices g0 .. g0 + BLOCK - 1; g0 must be a multiple of 4."""
+        q = (g0 // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+        c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        zero = c0 * 0
+        c2 = zero + step.to(tl.uint32)
+        c3 = zero + stream
+        w0, w1, w2, w3 = philox4(seed, c0, c1, c2, c3)
+        r01 = tl.sqrt(-2.0 * tl.log(_uniform(w0)))
+        r23 = tl.sqrt(-2.0 * tl.log(_uniform(w2)))
+        th01 = 6.283185307179586 * _uniform(w1)
+        th23 = 6.283185307179586 * _uniform(w3)
+        n0 = r01 * tl.cos(th01)
+        n1 = r01 * tl.sin(th01)
+        n2 = r23 * tl.cos(th23)
+        n3 = r23 * tl.sin(th23)
+        # join stacks on a new last axis: z[q, j, i] = (n0, n2)[j] if i == 0 else (n1, n3)[j], so the
+        # row-major flattening puts word j of call q at element 4q + j.
+        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+        return tl.reshape(z, (BLOCK,))
+
+    @triton.jit
+    def _randn_kernel(out_ptr, seed_ptr, n, shift, g_base, step, stream, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        seed = tl.load(seed_ptr)
+        z = normal_block(seed, g_base + pid * BLOCK, step, stream, BLOCK)
+        local = pid * BLOCK - shift + tl.arange(0, BLOCK)
+        mask = (local >= 0) & (local < n)
+        tl.store(out_ptr + local, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _philox4_torch(seed: torch.Tensor, c0, c1, c2, c3):
+    """Philox-4x32-10 on int64 tensors holding uint32 values; same words as ``philox4``."""
+    seed = seed.to(torch.int64)
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    for _ in range(_ROUNDS):
+        p0 = _ROUND_A * c0  # < 2**64: int64 wraps to the exact low 64 bits
+        p2 = _ROUND_B * c2
+        hi0 = (p0 >> 32) & _M32
+        hi2 = (p2 >> 32) & _M32
+        c0, c1, c2, c3 = (hi2 ^ c1 ^ k0), (p2 & _M32), (hi0 ^ c3 ^ k1), (p0 & _M32)
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def normals_torch(seed: torch.Tensor, g: torch.Tensor, step, stream: int) -> torch.Tensor:
+    """float32 normals for int64 global indices ``g`` (any shape); ``seed``/``step`` may be tensors."""
+    q = g // 4
+    lane = g % 4
+    c0 = q & _M32
+    c1 = (q >> 32) & _M32
+    step = torch.as_tensor(step, device=g.device, dtype=torch.int64) & _M32
+    c2 = torch.zeros_like(q) + step
+    c3 = torch.full_like(q, stream)
+    w0, w1, w2, w3 = _philox4_torch(torch.as_tensor(seed, device=g.device), c0, c1, c2, c3)
+
+    def uniform(w):
+        return ((w >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
+
+    r01 = torch.sqrt(-2.0 * torch.log(uniform(w0)))
+    r23 = torch.sqrt(-2.0 * torch.log(uniform(w2)))
+    th01 = _TWO_PI * uniform(w1)
+    th23 = _TWO_PI * uniform(w3)
+    cand = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01),
+                        r23 * torch.cos(th23), r23 * torch.sin(th23)], dim=-1)
+    return cand.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
+
+
+def global_indices(shape, index_offset: int, device) -> torch.Tensor:
+    n = math.prod(shape)
+    return (torch.arange(n, device=device, dtype=torch.int64) + index_offset).view(shape)
+
+
+def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset: int = 0,
+          device=None, dtype=torch.float32, out: Optional[torch.Tensor] = None,
+          backend: Optional[str] = None) -> torch.Tensor:
+    """Standard normal tensor whose element ``i`` (row-major) is keyed by ``index_offset + i``.
+
+    ``seed`` is an int or a one-element int64 tensor on the device (the graphed samplers keep it
+    there so a new seed needs no re-capture). Two calls covering ``[0, a)`` and ``[a, n)`` with
+    ``index_offset`` 0 and ``a`` give exactly the halves of one call covering ``[0, n)``.
+    """
+    if out is not None:
+        shape, device, dtype = tuple(out.shape), out.device, out.dtype
+        if not out.is_contiguous():
+            raise ValueError("randn: out must be contiguous")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    shape = tuple(int(s) for s in shape)
+    if index_offset < 0:
+        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"randn: dtype must be a floating type, got {dtype}")
+    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], dtype=torch.int64)
+    seed_t = seed_t.to(device=device, dtype=torch.int64).reshape(1)
+    out = torch.empty(shape, device=device, dtype=dtype) if out is None else out
+    n = out.numel()
+    if n == 0:
+        return out
+    if resolve(backend, device) == "torch" or dtype == torch.float64:
+        out.copy_(normals_torch(seed_t, global_indices(shape, index_offset, device), step, stream))
+        return out
+    block = _block_for(n)
+    shift = index_offset % 4
+    grid = (triton.cdiv(n + shift, block),)
+    _randn_kernel[grid](out, seed_t, n, shift, index_offset - shift, step, stream, BLOCK=block)
+    return out
+
+
+def _block_for(n: int) -> int:
+    from ..backend import interpreting
+    if interpreting():
+        # Each interpreted program costs ~10 ms whatever its size: use few, large ones.
+        return max(64, min(1 << 16, triton.next_power_of_2(n)))
+    return 2048

@@ -1,0 +1,88 @@
+"""Noise schedules: betas, alpha_bar and timestep selection, computed in float64 by fastdiff._C."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._ext import C
+
+SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine", "sigmoid")
+
+
+class Schedule:
+    """A discrete VP noise schedule over ``num_train_timesteps`` training steps.
+
+    ``beta_schedule``: "linear" (Ho et al.), "scaled_linear" (Stable Diffusion), "squaredcos_cap_v2"
+    / "cosine" (Nichol & Dhariwal), "sigmoid"; or ``trained_betas`` (explicit betas in (0, 1)).
+    ``rescale_betas_zero_snr`` applies Lin et al. (2024) so that alpha_bar at the last step is 0.
+
+    Attributes are float64 torch tensors on the CPU: ``betas``, ``alphas_cumprod`` (alpha_bar).
+    """
+
+    def __init__(
+        self,
+        beta_schedule: str = "linear",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        trained_betas: Optional[Sequence[float]] = None,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        if trained_betas is not None:
+            betas = np.asarray(
+                trained_betas.detach().cpu().double().numpy() if isinstance(trained_betas, torch.Tensor)
+                else trained_betas, dtype=np.float64)
+            betas = C.validate_betas(betas)
+            num_train_timesteps = int(betas.shape[0])
+            beta_schedule = "trained"
+        else:
+            if not isinstance(num_train_timesteps, (int, np.integer)) or isinstance(num_train_timesteps, bool):
+                raise ValueError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
+            betas = C.make_betas(str(beta_schedule), int(num_train_timesteps), float(beta_start), float(beta_end))
+        if rescale_betas_zero_snr:
+            betas = C.rescale_zero_terminal_snr(betas)
+        self.beta_schedule = beta_schedule
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
+        self.betas = torch.from_numpy(np.asarray(betas))
+        self.alphas_cumprod = torch.from_numpy(C.alphas_cumprod(betas))
+
+    @classmethod
+    def coerce(cls, schedule) -> "Schedule":
+        """A Schedule from a Schedule, a schedule name, a dict of keyword arguments, or None (linear)."""
+        if schedule is None:
+            return cls()
+        if isinstance(schedule, Schedule):
+            return schedule
+        if isinstance(schedule, str):
+            return cls(beta_schedule=schedule)
+        if isinstance(schedule, dict):
+            return cls(**schedule)
+        raise TypeError(f"schedule must be a Schedule, a schedule name or a dict, got {type(schedule).__name__}")
+
+    def timesteps(self, steps: Optional[int] = None, spacing: str = "leading", steps_offset: int = 0,
+                  timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Descending int64 timesteps: ``steps`` chosen by ``spacing`` (diffusers' rules, leading
+        adds ``steps_offset``), or an explicit strictly descending list ``timesteps``."""
+        if timesteps is not None:
+            if steps is not None and steps != len(timesteps):
+                raise ValueError(f"give steps or timesteps, not both (steps={steps}, {len(timesteps)} timesteps)")
+            return C.validate_timesteps(np.asarray(timesteps, dtype=np.int64), self.num_train_timesteps)
+        if steps is None:
+            raise ValueError("steps (the number of sampling steps) or an explicit timesteps list is required")
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool):
+            raise ValueError(f"steps must be an int, got {steps!r}")
+        return C.make_timesteps(self.num_train_timesteps, int(steps), str(spacing), int(steps_offset))
+
+    def __repr__(self) -> str:
+        return (f"Schedule({self.beta_schedule!r}, num_train_timesteps={self.num_train_timesteps}, "
+                f"zero_snr={self.rescale_betas_zero_snr})")
+
+
+def next_timesteps(timesteps: np.ndarray) -> np.ndarray:
+    """The timestep each step goes to: the next one in the list, -1 after the last."""
+    return np.append(np.asarray(timesteps[1:], dtype=np.int64), np.int64(-1))
