@@ -1,0 +1,336 @@
+"""The analytic test bed: a diagonal Gaussian mixture with exact posterior quantities.
+
+p_0 = sum_k w_k N(mu_k, diag s_k^2) stays a mixture under the VP forward process
+x_t = sqrt(ab_t) x0 + sigma_t eps:
+
+    p_t = sum_k w_k N(a mu_k, diag(v_k)),   a = sqrt(ab_t),  v_k = a^2 s_k^2 + sigma_t^2.
+
+With responsibilities r_k(x_t) (a softmax over log w_k + log N_k, computed by log-sum-exp),
+each component's posterior over x0 is Gaussian with
+
+    mean m_k = mu_k + a s_k^2 / v_k (x_t - a mu_k),   variance c_k = s_k^2 sigma_t^2 / v_k,
+
+so E[x0|x_t] = sum_k r_k m_k and diag Cov[x0|x_t] = sum_k r_k (c_k + (m_k - E[x0|x_t])^2)
+(written around the mean to avoid the cancellation of E[x0^2] - E[x0]^2). The score is
+g = sum_k r_k g_k with g_k = -(x_t - a mu_k) / v_k and the Hessian diagonal is
+sum_k r_k ((g_k - g)^2 - 1 / v_k). Tweedie's identities hold exactly:
+E[x0|x_t] = (x_t + sigma_t^2 g) / a and Cov[x0|x_t] = (sigma_t^2 / a^2)(1 + h) with
+h = sigma_t^2 diag(nabla^2 log p_t).
+
+Every method takes ``x_t`` of shape [B, *shape] with prod(shape) == dim (images work: the
+trailing dimensions are flattened) and ``t``: an int tensor [B] (or a Python int / 0-d
+tensor, broadcast) of discrete timesteps indexing ``schedule.alphas_cumprod``, or instead
+``alpha_bar=`` (a float tensor [B] or a float) for continuous time. Arithmetic runs in the
+mixture's dtype (float64 by default); results come back in x_t's dtype.
+
+Also here: the sample-quality metrics used by the benchmarks (Frechet distance of fitted
+Gaussians, sliced Wasserstein-2, per-mode weight error).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .schedule import Schedule
+
+__all__ = ["GaussianMixture", "MixtureModel", "frechet_distance", "sliced_wasserstein", "mode_weight_error"]
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _as_tensor(v, dtype, name):
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(dtype=dtype, device="cpu")
+    try:
+        return torch.as_tensor(v, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a tensor or a nested sequence of numbers, got {type(v).__name__}") from exc
+
+
+class GaussianMixture:
+    """p_0 = sum_k weights[k] N(means[k], diag(stds[k]^2)) in ``dim`` dimensions.
+
+    ``weights``: [K] positive (normalised here); ``means``: [K, dim]; ``stds``: [K, dim], [K]
+    or a scalar, all > 0. ``schedule``: anything ``Schedule.coerce`` takes (default: linear,
+    1000 steps). ``dtype``: the arithmetic precision (float64 default, float32 allowed).
+    """
+
+    def __init__(self, weights, means, stds, schedule=None, dtype: torch.dtype = torch.float64):
+        if dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+        means = _as_tensor(means, torch.float64, "means")
+        if means.dim() != 2 or means.shape[0] < 1 or means.shape[1] < 1:
+            raise ValueError(f"means must have shape [n_components, dim] with both >= 1, got {tuple(means.shape)}")
+        k, d = means.shape
+        weights = _as_tensor(weights, torch.float64, "weights").reshape(-1)
+        if weights.shape != (k,):
+            raise ValueError(f"weights must have shape [n_components] = [{k}], got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+            raise ValueError("weights must be finite and > 0")
+        stds = _as_tensor(stds, torch.float64, "stds")
+        if stds.dim() == 0:
+            stds = stds.expand(k, d)
+        elif stds.dim() == 1 and stds.shape[0] == k:
+            stds = stds[:, None].expand(k, d)
+        if tuple(stds.shape) != (k, d):
+            raise ValueError(f"stds must be a scalar, [n_components] = [{k}] or [n_components, dim] = [{k}, {d}], "
+                             f"got {tuple(stds.shape)}")
+        if not bool(torch.isfinite(stds).all()) or not bool((stds > 0).all()):
+            raise ValueError("stds must be finite and > 0")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means must be finite")
+        self.schedule = Schedule.coerce(schedule)
+        self.dtype = dtype
+        self.n_components, self.dim = int(k), int(d)
+        self.weights = (weights / weights.sum()).to(dtype)
+        self.means = means.to(dtype).contiguous()
+        self.stds = stds.to(dtype).contiguous()
+        self._cache = {}
+
+    @classmethod
+    def random(cls, dim: int, n_components: int, std_range: Sequence[float] = (0.005, 0.3), seed: int = 0,
+               mean_range: float = 0.7, schedule=None, dtype: torch.dtype = torch.float64) -> "GaussianMixture":
+        """A random mixture of tight modes: means uniform in [-mean_range, mean_range]^dim,
+        per-dimension stds log-uniform in ``std_range`` (so scales differ by up to
+        std_range[1] / std_range[0] within one mode), weights uniform in [0.5, 1.5] normalised."""
+        if not isinstance(dim, int) or dim < 1 or not isinstance(n_components, int) or n_components < 1:
+            raise ValueError(f"dim and n_components must be ints >= 1, got {dim!r} and {n_components!r}")
+        lo, hi = (float(v) for v in std_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"std_range must satisfy 0 < low <= high, got {tuple(std_range)}")
+        g = torch.Generator().manual_seed(int(seed))
+        means = (torch.rand(n_components, dim, generator=g, dtype=torch.float64) * 2 - 1) * mean_range
+        u = torch.rand(n_components, dim, generator=g, dtype=torch.float64)
+        stds = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+        weights = 0.5 + torch.rand(n_components, generator=g, dtype=torch.float64)
+        return cls(weights, means, stds, schedule=schedule, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return (f"GaussianMixture(n_components={self.n_components}, dim={self.dim}, "
+                f"std range [{float(self.stds.min()):.3g}, {float(self.stds.max()):.3g}], {self.schedule})")
+
+    # -- parameters on a device ---------------------------------------------------------------
+    def _params(self, device):
+        device = torch.device(device)
+        if device not in self._cache:
+            self._cache[device] = (
+                self.weights.to(device).log(), self.means.to(device), self.stds.to(device) ** 2,
+                self.schedule.alphas_cumprod.to(device=device, dtype=self.dtype))
+        return self._cache[device]
+
+    def _flat(self, x_t):
+        if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
+            raise TypeError(f"x_t must be a floating-point tensor, got "
+                            f"{x_t.dtype if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
+        if x_t.dim() < 2 or math.prod(x_t.shape[1:]) != self.dim:
+            raise ValueError(f"x_t must have shape [batch, *shape] with prod(shape) = dim = {self.dim}, "
+                             f"got {tuple(x_t.shape)}")
+        return x_t.reshape(x_t.shape[0], self.dim).to(self.dtype)
+
+    def _alpha_bar(self, t, alpha_bar, batch, device):
+        """ab_t as a [batch, 1] tensor in the mixture's dtype (no host sync: a device gather)."""
+        if alpha_bar is not None:
+            if t is not None:
+                raise ValueError("give t (discrete timesteps) or alpha_bar, not both")
+            ab = torch.as_tensor(alpha_bar, dtype=self.dtype, device=device).reshape(-1)
+        else:
+            if t is None:
+                raise ValueError("t (discrete timesteps) or alpha_bar is required")
+            t = torch.as_tensor(t, device=device)
+            if t.is_floating_point() or t.is_complex():
+                raise TypeError(f"t must hold integer timesteps indexing schedule.alphas_cumprod, got {t.dtype}; "
+                                "pass alpha_bar= for continuous time")
+            ab = self._params(device)[3].index_select(0, t.reshape(-1).long())
+        if ab.numel() == 1:
+            ab = ab.expand(batch)
+        if ab.shape != (batch,):
+            raise ValueError(f"t / alpha_bar must have one entry per sample ({batch}) or be a scalar, "
+                             f"got {ab.numel()} entries")
+        return ab[:, None]
+
+    def _posterior(self, x_t, t, alpha_bar, want_hessian=False):
+        """Responsibilities and per-component quantities, all [B, K, D] (r: [B, K, 1])."""
+        x = self._flat(x_t)
+        log_w, mu, s2, _ = self._params(x.device)
+        ab = self._alpha_bar(t, alpha_bar, x.shape[0], x.device)  # [B, 1]
+        a = ab.sqrt()[:, :, None]  # [B, 1, 1]
+        sig2 = (1.0 - ab)[:, :, None]
+        var = a * a * s2[None] + sig2  # [B, K, D]
+        diff = x[:, None, :] - a * mu[None]  # [B, K, D]
+        log_n = -0.5 * (diff * diff / var + torch.log(2 * math.pi * var)).sum(-1)  # [B, K]
+        log_joint = log_w[None] + log_n
+        log_p = torch.logsumexp(log_joint, dim=1)  # [B]
+        r = torch.exp(log_joint - log_p[:, None])[:, :, None]  # [B, K, 1]
+        return x, a, sig2, var, diff, r, log_p
+
+    def _out(self, v, x_t):
+        return v.reshape(x_t.shape).to(x_t.dtype)
+
+    # -- exact quantities ---------------------------------------------------------------------
+    def log_prob(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """log p_t(x_t), shape [B]."""
+        lp = self._posterior(x_t, t, alpha_bar)[-1]
+        return lp.to(x_t.dtype)
+
+    def score(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """nabla log p_t(x_t) = sum_k r_k (-(x_t - a mu_k) / v_k)."""
+        _, _, _, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        return self._out((r * (-diff / var)).sum(1), x_t)
+
+    def eps(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """E[eps|x_t] = -sigma_t * score (stable as sigma_t -> 0, unlike (x_t - a x0_hat)/sigma_t)."""
+        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        return self._out(sig2[:, :, 0].sqrt() * (r * diff / var).sum(1), x_t)
+
+    def _x0_mean_var(self, x_t, t, alpha_bar):
+        _, a, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        _, mu, s2, _ = self._params(diff.device)
+        m_k = mu[None] + a * s2[None] / var * diff  # [B, K, D]
+        c_k = s2[None] * sig2 / var
+        mean = (r * m_k).sum(1)
+        dev = m_k - mean[:, None]
+        return mean, (r * (c_k + dev * dev)).sum(1)
+
+    def x0_mean(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """E[x0|x_t] = sum_k r_k m_k."""
+        return self._out(self._x0_mean_var(x_t, t, alpha_bar)[0], x_t)
+
+    def x0_var(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """diag Cov[x0|x_t] = sum_k r_k (c_k + (m_k - E[x0|x_t])^2)."""
+        return self._out(self._x0_mean_var(x_t, t, alpha_bar)[1], x_t)
+
+    def v(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """The v-prediction target a * eps - sigma_t * x0 with the exact eps and x0."""
+        x = self._flat(x_t)
+        ab = self._alpha_bar(t, alpha_bar, x.shape[0], x.device)
+        e = self.eps(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
+        x0 = self.x0_mean(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
+        return self._out(ab.sqrt() * e - (1.0 - ab).sqrt() * x0, x_t)
+
+    def hessian_diag(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """diag nabla^2 log p_t(x_t) = sum_k r_k ((g_k - g)^2 - 1 / v_k)."""
+        _, _, _, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        g_k = -diff / var
+        g = (r * g_k).sum(1, keepdim=True)
+        return self._out((r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), x_t)
+
+    def h(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+        """h = sigma_t^2 diag nabla^2 log p_t (what an OCM head predicts); Sigma0 = (sigma_t^2/ab_t)(1 + h)."""
+        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        g_k = -diff / var
+        g = (r * g_k).sum(1, keepdim=True)
+        return self._out(sig2[:, :, 0] * (r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), x_t)
+
+    def predict(self, x_t, t=None, prediction_type: str = "epsilon", *, alpha_bar=None) -> torch.Tensor:
+        """The exact network output for ``prediction_type`` ("epsilon", "v_prediction", "sample")."""
+        if prediction_type == "epsilon":
+            return self.eps(x_t, t, alpha_bar=alpha_bar)
+        if prediction_type == "v_prediction":
+            return self.v(x_t, t, alpha_bar=alpha_bar)
+        if prediction_type == "sample":
+            return self.x0_mean(x_t, t, alpha_bar=alpha_bar)
+        raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
+
+    def model(self, prediction_type: str = "epsilon", return_h: bool = False) -> "MixtureModel":
+        """A ``model(x_t, t)`` for every fastdiff sampler (``return_h=True``: returns (output, h),
+        the OCM samplers' combined-model convention)."""
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
+        return MixtureModel(self, prediction_type, return_h)
+
+    def head(self):
+        """The exact OCM head: a callable (x_t, t) -> h."""
+        return self.h
+
+    # -- sampling -----------------------------------------------------------------------------
+    def sample_x0(self, n: int, generator: Optional[torch.Generator] = None, *, device=None,
+                  return_labels: bool = False):
+        """n exact samples of p_0, [n, dim] in the mixture's dtype (and their component labels)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        device = torch.device(device) if device is not None else (
+            generator.device if generator is not None else torch.device("cpu"))
+        log_w, mu, s2, _ = self._params(device)
+        labels = torch.multinomial(log_w.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=device)
+        x0 = mu[labels] + s2[labels].sqrt() * z
+        return (x0, labels) if return_labels else x0
+
+    def sample_xt(self, n: int, t, generator: Optional[torch.Generator] = None, *, device=None):
+        """(x0, x_t, eps) with x0 ~ p_0, x_t = sqrt(ab_t) x0 + sigma_t eps; ``t`` an int or [n] ints."""
+        x0 = self.sample_x0(n, generator, device=device)
+        ab = self._alpha_bar(t, None, n, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, dtype=self.dtype, device=x0.device)
+        return x0, ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps, eps
+
+    def assign(self, x0: torch.Tensor) -> torch.Tensor:
+        """The most probable component of each x0 under p_0 (argmax_k r_k at ab = 1), int64 [B]."""
+        x = self._flat(x0)
+        log_w, mu, s2, _ = self._params(x.device)
+        diff = x[:, None, :] - mu[None]
+        log_joint = log_w[None] - 0.5 * (diff * diff / s2[None] + torch.log(2 * math.pi * s2[None])).sum(-1)
+        return log_joint.argmax(1)
+
+
+class MixtureModel(torch.nn.Module):
+    """The exact network of a GaussianMixture: ``model(x_t, t) -> output`` (or (output, h))."""
+
+    def __init__(self, mixture: GaussianMixture, prediction_type: str = "epsilon", return_h: bool = False):
+        super().__init__()
+        self.mixture, self.prediction_type, self.return_h = mixture, prediction_type, bool(return_h)
+
+    def forward(self, x_t, t):
+        out = self.mixture.predict(x_t, t, self.prediction_type)
+        return (out, self.mixture.h(x_t, t)) if self.return_h else out
+
+
+# ----------------------------------------------------------------------------------------------
+# sample-quality metrics
+
+
+def _flat2(x, name):
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 2:
+        raise ValueError(f"{name} must be a tensor [n >= 2, ...] of samples")
+    return x.reshape(x.shape[0], -1).double()
+
+
+def _sqrtm_psd(m):
+    w, v = torch.linalg.eigh((m + m.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) of Gaussians fitted to two
+    sample sets [n, ...] (the FID formula, on raw coordinates)."""
+    a, b = _flat2(a, "a"), _flat2(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    sa = _sqrtm_psd(ca)
+    cross = _sqrtm_psd(sa @ cb @ sa)
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2 * torch.trace(cross))
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance: sqrt of the mean over random unit directions of the squared
+    W2 between the 1-d projections (exact 1-d W2 by sorting; equal sample counts required)."""
+    a, b = _flat2(a, "a"), _flat2(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape [n, dim], got {tuple(a.shape)} and {tuple(b.shape)}")
+    g = torch.Generator().manual_seed(int(seed))
+    dirs = torch.randn(a.shape[1], n_projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa = torch.sort(a @ dirs.to(a.device), dim=0).values
+    pb = torch.sort(b @ dirs.to(b.device), dim=0).values
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def mode_weight_error(mixture: GaussianMixture, x0: torch.Tensor) -> float:
+    """Total-variation distance between the mixture weights and the fraction of samples assigned
+    to each mode: 0.5 * sum_k |frac_k - w_k|."""
+    labels = mixture.assign(x0)
+    frac = torch.bincount(labels, minlength=mixture.n_components).double() / labels.numel()
+    return float(0.5 * (frac - mixture.weights.double().to(frac.device)).abs().sum())
