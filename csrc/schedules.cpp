@@ -38,7 +38,7 @@ enum Col : int {
   LOG_VAR_MIN = 8, // learned_range: log of the fixed_small variance (clamped at 1e-20)
   LOG_VAR_MAX = 9, // learned_range: log of beta_{t|s}
   VAR_MAX = 10,    // cap on the total per-element variance (OCM variance clip), +inf if none
-  NOISE = 11,      // 1 where this step injects noise, 0 where it does not
+  NOISE = 11,      // 1 where the OCM / learned variance modes inject noise, 0 where they do not
   T = 12,          // the timestep t of this step
   PREV_T = 13,     // the timestep s it steps to (-1 for the final step)
   SQRT_AB_S = 14,  // sqrt(ab_s)
@@ -216,12 +216,13 @@ py::array_t<int64_t> make_timesteps(int64_t num_train_timesteps, int64_t num_ste
     const int64_t ratio = num_train_timesteps / num_steps;
     for (int64_t i = num_steps - 1; i >= 0; --i) ts.push_back(i * ratio + steps_offset);
   } else if (spacing == "trailing") {
-    // np.round(np.arange(N, 0, -N / K)) - 1, with numpy's arange length and fill rule.
+    // np.round(np.arange(N, 0, -N / K)) - 1 with numpy's arange fill rule (start + i * delta,
+    // delta = (start + step) - start). numpy's length ceil(N / (N / K)) is K + 1 for some (N, K)
+    // (e.g. 1000, 61) through rounding, which puts a timestep -1 at the end; we keep exactly K.
     const double start = static_cast<double>(num_train_timesteps);
     const double step = -start / static_cast<double>(num_steps);
-    const int64_t len = static_cast<int64_t>(std::ceil((0.0 - start) / step));
     const double delta = (start + step) - start;
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0; i < num_steps; ++i) {
       const double v = i == 0 ? start : start + static_cast<double>(i) * delta;
       ts.push_back(static_cast<int64_t>(std::nearbyint(v)) - 1);
     }
@@ -341,7 +342,9 @@ py::array_t<double> ddim_table(const py::array_t<double, py::array::c_style | py
     row[C_EPS] = std::sqrt(std::max(1.0 - a.ab_s - std_dev * std_dev, 0.0));
     row[C_XT] = 0.0;
     row[STD] = std_dev;
-    row[NOISE] = std_dev > 0.0 ? 1.0 : 0.0;
+    // NOISE gates the variance modes that add to the table std (OCM widens even eta = 0):
+    // every step but the final one.
+    row[NOISE] = in.s[i] >= 0 ? 1.0 : 0.0;
     row[LOG_VAR_MIN] = std::log(std::max(var, 1e-20));
     row[LOG_VAR_MAX] = std::log(std::max(beta_ts, 1e-20));
     fill_common(row, in, i, a);
