@@ -119,3 +119,11 @@ def test_randn_dtypes(dtype):
     b = philox.randn((4, 9), 3, dtype=torch.float32, backend="torch")
     assert a.dtype == dtype
     torch.testing.assert_close(a.float(), b, rtol=1e-2, atol=1e-2)
+
+
+def test_range_generator_equals_per_index_generator():
+    seed = torch.tensor(2**40 + 17)
+    for start, n in ((0, 1), (3, 10), (5, 4), (2**33 + 1, 37)):
+        g = torch.arange(start, start + n, dtype=torch.int64)
+        torch.testing.assert_close(philox.normals_range(seed, start, n, 6, 0, "cpu"),
+                                   philox.normals_torch(seed, g, 6, 0), rtol=0, atol=0)

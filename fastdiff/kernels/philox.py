@@ -139,6 +139,27 @@ def normals_torch(seed: torch.Tensor, g: torch.Tensor, step, stream: int) -> tor
     return cand.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
 
 
+def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, device) -> torch.Tensor:
+    """``normals_torch`` for the contiguous indices start .. start + n - 1, one Philox call per
+    group of four (4x less work than per element)."""
+    q0, q1 = start // 4, (start + n - 1) // 4
+    q = torch.arange(q0, q1 + 1, device=device, dtype=torch.int64)
+    step = torch.as_tensor(step, device=device, dtype=torch.int64) & _M32
+    w0, w1, w2, w3 = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
+                                    torch.zeros_like(q) + step, torch.full_like(q, stream))
+
+    def uniform(w):
+        return ((w >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
+
+    r01 = torch.sqrt(-2.0 * torch.log(uniform(w0)))
+    r23 = torch.sqrt(-2.0 * torch.log(uniform(w2)))
+    th01 = _TWO_PI * uniform(w1)
+    th23 = _TWO_PI * uniform(w3)
+    z = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01),
+                     r23 * torch.cos(th23), r23 * torch.sin(th23)], dim=-1).reshape(-1)
+    return z[start - 4 * q0: start - 4 * q0 + n]
+
+
 def global_indices(shape, index_offset: int, device) -> torch.Tensor:
     n = math.prod(shape)
     return (torch.arange(n, device=device, dtype=torch.int64) + index_offset).view(shape)
@@ -170,7 +191,7 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     if n == 0:
         return out
     if resolve(backend, device) == "torch" or dtype == torch.float64:
-        out.copy_(normals_torch(seed_t, global_indices(shape, index_offset, device), step, stream))
+        out.copy_(normals_range(seed_t.reshape(()), index_offset, n, step, stream, device).view(shape))
         return out
     block = _block_for(n)
     shift = index_offset % 4

@@ -360,8 +360,8 @@ def vp_step_reference(
             z = noise.to(cdt)
         else:
             per_sample = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else x.numel()
-            g = philox.global_indices(tuple(x.shape), sample_offset * per_sample, x.device)
-            z = philox.normals_torch(seed.reshape(()), g, step.reshape(()).long(), STREAM_STEP).to(cdt)
+            z = philox.normals_range(seed.reshape(()), sample_offset * per_sample, x.numel(),
+                                     step.reshape(()).long(), STREAM_STEP, x.device).view(x.shape).to(cdt)
         if var_mode == "table":
             x_s = x_s + std * z
         else:
