@@ -36,7 +36,7 @@ def test_independent_of_block_size_and_grid():
         out = torch.empty(n)
         grid = (math.ceil((n + 1) / block),)
         # global offset 1 -> shift 1: the lanes of a Philox call straddle the program boundary
-        philox._randn_kernel[grid](out, seed, n, 1, 0, 3, 0, BLOCK=block)
+        philox._randn_kernel[grid](out, seed, n, 0, 3, 0, BLOCK=block, SHIFT=1)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
     assert torch.equal(outs[0], kernel_noise((n,), 99, step=3, index_offset=1))

@@ -91,11 +91,11 @@ if triton is not None:
         return tl.reshape(z, (BLOCK,))
 
     @triton.jit
-    def _randn_kernel(out_ptr, seed_ptr, n, shift, g_base, step, stream, BLOCK: tl.constexpr):
+    def _randn_kernel(out_ptr, seed_ptr, n, g_base, step, stream, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         seed = tl.load(seed_ptr)
         z = normal_block(seed, g_base + pid * BLOCK, step, stream, BLOCK)
-        local = pid * BLOCK - shift + tl.arange(0, BLOCK)
+        local = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)
         mask = (local >= 0) & (local < n)
         tl.store(out_ptr + local, z.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -196,7 +196,7 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     block = _block_for(n)
     shift = index_offset % 4
     grid = (triton.cdiv(n + shift, block),)
-    _randn_kernel[grid](out, seed_t, n, shift, index_offset - shift, step, stream, BLOCK=block)
+    _randn_kernel[grid](out, seed_t, n, index_offset - shift, step, stream, BLOCK=block, SHIFT=shift)
     return out
 
 

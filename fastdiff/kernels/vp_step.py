@@ -61,17 +61,19 @@ if triton is not None:
     def _vp_step_kernel(
         x_ptr, m_ptr, aux_ptr, z_ptr, thr_ptr, out_ptr, x0_ptr,
         table_ptr, step_ptr, seed_ptr,
-        n, shift, g_base, per_sample, clip_range, cov_max,
+        n, g_base, per_sample, clip_range, cov_max,
         D1, D2, D3,
         sx0, sx1, sx2, sx3, sm0, sm1, sm2, sm3, sa0, sa1, sa2, sa3,
         sz0, sz1, sz2, sz3, so0, so1, so2, so3, sp0, sp1, sp2, sp3,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
         NOISE: tl.constexpr, VAR_MODE: tl.constexpr, WRITE_X0: tl.constexpr, STRIDED: tl.constexpr,
-        NCOL: tl.constexpr, BLOCK: tl.constexpr,
+        NCOL: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         # int64 offsets: tensors past 2**31 elements (Invariant 6).
-        local = pid * BLOCK - shift + tl.arange(0, BLOCK).to(tl.int64)
+        # SHIFT (0..3) aligns the Philox groups of four to global indices; a constexpr so that
+        # the common SHIFT = 0 keeps offsets provably aligned and the loads vectorized.
+        local = pid * BLOCK - SHIFT + tl.arange(0, BLOCK).to(tl.int64)
         mask = (local >= 0) & (local < n)
 
         # Per-step scalars from the device table: the launch carries no per-step host value.
@@ -302,14 +304,14 @@ def vp_step(
         x, model_output, aux if aux is not None else dummy, noise if noise is not None else dummy,
         thresholds if thresholds is not None else dummy, out, x0_out if x0_out is not None else dummy,
         table_f32, step, seed if seed is not None else step,
-        n, shift, g0 - shift, per_sample, float(clip_range or 1.0), float(cov_max),
+        n, g0 - shift, per_sample, float(clip_range or 1.0), float(cov_max),
         dims[1], dims[2], dims[3],
         *strides[0], *strides[1], *strides[2], *strides[3], *strides[4], *strides[5],
         PRED=PREDICTIONS[prediction_type], CLIP=clip_range is not None, THRESH=thresholds is not None,
         RECOMPUTE_EPS=bool(recompute_eps),
         NOISE=1 if noise is not None else (2 if seed is not None else 0),
         VAR_MODE=VAR_MODES[var_mode], WRITE_X0=x0_out is not None, STRIDED=strided,
-        NCOL=NCOL, BLOCK=block, num_warps=warps,
+        NCOL=NCOL, BLOCK=block, SHIFT=shift, num_warps=warps,
     )
     return out
 
