@@ -125,7 +125,12 @@ def normals_torch(seed: torch.Tensor, g: torch.Tensor, step, stream: int) -> tor
     step = torch.as_tensor(step, device=g.device, dtype=torch.int64) & _M32
     c2 = torch.zeros_like(q) + step
     c3 = torch.full_like(q, stream)
-    w0, w1, w2, w3 = _philox4_torch(torch.as_tensor(seed, device=g.device), c0, c1, c2, c3)
+    words = _philox4_torch(torch.as_tensor(seed, device=g.device), c0, c1, c2, c3)
+    return _box_muller4(*words).gather(-1, lane.unsqueeze(-1)).squeeze(-1)
+
+
+def _box_muller4(w0, w1, w2, w3) -> torch.Tensor:
+    """Four Philox words -> [..., 4] float32 normals, as ``normal_block`` computes them."""
 
     def uniform(w):
         return ((w >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
@@ -134,9 +139,8 @@ def normals_torch(seed: torch.Tensor, g: torch.Tensor, step, stream: int) -> tor
     r23 = torch.sqrt(-2.0 * torch.log(uniform(w2)))
     th01 = _TWO_PI * uniform(w1)
     th23 = _TWO_PI * uniform(w3)
-    cand = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01),
+    return torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01),
                         r23 * torch.cos(th23), r23 * torch.sin(th23)], dim=-1)
-    return cand.gather(-1, lane.unsqueeze(-1)).squeeze(-1)
 
 
 def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, device) -> torch.Tensor:
@@ -145,19 +149,9 @@ def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, dev
     q0, q1 = start // 4, (start + n - 1) // 4
     q = torch.arange(q0, q1 + 1, device=device, dtype=torch.int64)
     step = torch.as_tensor(step, device=device, dtype=torch.int64) & _M32
-    w0, w1, w2, w3 = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
-                                    torch.zeros_like(q) + step, torch.full_like(q, stream))
-
-    def uniform(w):
-        return ((w >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
-
-    r01 = torch.sqrt(-2.0 * torch.log(uniform(w0)))
-    r23 = torch.sqrt(-2.0 * torch.log(uniform(w2)))
-    th01 = _TWO_PI * uniform(w1)
-    th23 = _TWO_PI * uniform(w3)
-    z = torch.stack([r01 * torch.cos(th01), r01 * torch.sin(th01),
-                     r23 * torch.cos(th23), r23 * torch.sin(th23)], dim=-1).reshape(-1)
-    return z[start - 4 * q0: start - 4 * q0 + n]
+    words = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
+                           torch.zeros_like(q) + step, torch.full_like(q, stream))
+    return _box_muller4(*words).reshape(-1)[start - 4 * q0: start - 4 * q0 + n]
 
 
 def global_indices(shape, index_offset: int, device) -> torch.Tensor:
