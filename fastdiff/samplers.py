@@ -134,32 +134,21 @@ class Sampler:
 
     def sample(self, model, shape: Optional[Sequence[int]] = None, *, x: Optional[torch.Tensor] = None,
                seed: int = 0, sample_offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
-               progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+               progress: bool = False, callback: Optional[Callable] = None,
+               cuda_graph: bool = False) -> torch.Tensor:
         """Draw samples. Either ``shape`` (initial noise drawn from ``seed``) or ``x`` (x_T given).
 
         ``sample_offset`` is the global index of the first sample of this batch: a batch split
         into calls with matching offsets gives exactly the samples of one call.
         ``callback(i, t, x)`` runs after each step (it must not sync the host to stay fast).
+        ``cuda_graph=True`` captures the whole loop in one CUDA graph on first use and replays it
+        afterwards (fastdiff.graphs); on a non-CUDA device it runs eagerly with one warning.
         """
-        if x is None:
-            if shape is None:
-                raise ValueError("give shape (to draw x_T from the seed) or x (x_T itself)")
-            shape = tuple(int(s) for s in shape)
-            if len(shape) == 0 or any(s <= 0 for s in shape):
-                raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
-            device = torch.device(device) if device is not None else torch.device("cpu")
-        else:
-            if not isinstance(x, torch.Tensor) or x.dim() == 0:
-                raise ValueError("x must be a tensor with a batch dimension")
-            if shape is not None and tuple(shape) != tuple(x.shape):
-                raise ValueError(f"shape {tuple(shape)} does not match x's shape {tuple(x.shape)}")
-            device, dtype = x.device, x.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        if sample_offset < 0:
-            raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+        shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
+        if cuda_graph:
+            from .graphs import sample_graphed
+            return sample_graphed(self, model, shape, x=x, seed=seed, sample_offset=sample_offset, device=device,
+                                  dtype=dtype, progress=progress, callback=callback)
         seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
         if x is None:
             per_sample = math.prod(shape[1:])
@@ -173,6 +162,30 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r}, {self.schedule})"
+
+
+def check_sample_args(shape, x, seed, sample_offset, device, dtype):
+    """Validate the arguments of ``Sampler.sample``; returns (shape, device, dtype) of x_T."""
+    if x is None:
+        if shape is None:
+            raise ValueError("give shape (to draw x_T from the seed) or x (x_T itself)")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 0 or any(s <= 0 for s in shape):
+            raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    else:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError("x must be a tensor with a batch dimension")
+        if shape is not None and tuple(shape) != tuple(x.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match x's shape {tuple(x.shape)}")
+        device, dtype = x.device, x.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if sample_offset < 0:
+        raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+    return (tuple(x.shape) if x is not None else shape), device, dtype
 
 
 class DDIMSampler(Sampler):
@@ -249,11 +262,12 @@ def make_sampler(sampler: str = "ddim", schedule=None, steps: Optional[int] = 50
 def sample(model, shape: Optional[Sequence[int]] = None, *, sampler: str = "ddim", steps: Optional[int] = 50,
            seed: int = 0, schedule=None, x: Optional[torch.Tensor] = None, sample_offset: int = 0, device=None,
            dtype: torch.dtype = torch.float32, progress: bool = False, callback: Optional[Callable] = None,
-           **sampler_kwargs) -> torch.Tensor:
+           cuda_graph: bool = False, **sampler_kwargs) -> torch.Tensor:
     """Sample from ``model`` in one call, e.g.
     ``fastdiff.sample(model, (4, 3, 32, 32), sampler="ddim", steps=50, eta=0.0, seed=0)``.
     Keyword arguments beyond the loop's go to the sampler (eta, prediction_type,
-    timestep_spacing, clip_sample, variance_type, ...)."""
+    timestep_spacing, clip_sample, variance_type, ...). ``cuda_graph=True`` replays the loop as
+    one CUDA graph, captured once per (model, sampler config, shape, dtype, device)."""
     s = make_sampler(sampler, schedule, steps, **sampler_kwargs)
     return s.sample(model, shape, x=x, seed=seed, sample_offset=sample_offset, device=device, dtype=dtype,
-                    progress=progress, callback=callback)
+                    progress=progress, callback=callback, cuda_graph=cuda_graph)
