@@ -75,6 +75,7 @@ class _State:
         self.add_noise_factors: dict = {}            # (device, dtype) -> (sqrt(ab), sqrt(1 - ab))
         self.begin_index: Optional[int] = None
         self.backend: Optional[str] = None
+        self.resolved: dict = {}                     # (backend, device) -> "torch" | "triton"
 
 
 class _FastStepMixin:
@@ -231,6 +232,16 @@ class _FastStepMixin:
             st.seed_tensors[device] = t
         return t
 
+    def _resolved_backend(self, device: torch.device) -> str:
+        # Resolved once per (backend setting, device): FASTDIFF_BACKEND is read at the first step,
+        # not every step (the environment lookup was 6% of a small CPU step).
+        st = self._fd
+        key = (st.backend, device)
+        choice = st.resolved.get(key)
+        if choice is None:
+            choice = st.resolved[key] = resolve(st.backend, device)
+        return choice
+
     def _noise(self, model_output, sample, generator, variance_noise):
         """(noise tensor, seed tensor) for a step that draws: ``variance_noise`` if given, else the
         Philox seed after set_noise_seed, else diffusers' own draw (same call, same generator)."""
@@ -286,7 +297,7 @@ class _FastStepMixin:
         clip = float(cfg.clip_sample_range) if (cfg.clip_sample and not cfg.thresholding) else None
         kw = dict(prediction_type=cfg.prediction_type, clip_range=clip, thresholds=thresholds,
                   recompute_eps=recompute_eps, noise=noise, seed=seed, var_mode=var_mode, aux=aux)
-        if wide or resolve(self._fd.backend, device) == "torch":
+        if wide or self._resolved_backend(device) == "torch":
             # The reference is the CPU path; calling it directly returns its two tensors
             # without vp_step's copies into preallocated outputs. float64 samples only run here.
             return vp_step_reference(sample, model_output, table, row, **kw)
