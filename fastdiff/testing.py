@@ -211,17 +211,25 @@ class GaussianMixture:
 
     def hessian_diag(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
         """diag nabla^2 log p_t(x_t) = sum_k r_k ((g_k - g)^2 - 1 / v_k)."""
-        _, _, _, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
-        g_k = -diff / var
-        g = (r * g_k).sum(1, keepdim=True)
-        return self._out((r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), x_t)
+        return self._out(self._score_hess(x_t, t, alpha_bar)[1], x_t)
 
     def h(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
         """h = sigma_t^2 diag nabla^2 log p_t (what an OCM head predicts); Sigma0 = (sigma_t^2/ab_t)(1 + h)."""
+        _, hess, sig2 = self._score_hess(x_t, t, alpha_bar)
+        return self._out(sig2 * hess, x_t)
+
+    def _score_hess(self, x_t, t, alpha_bar):
+        """(score [B, D], Hessian diagonal [B, D], sigma_t^2 [B, 1]) from one pass over the
+        [B, K, D] posterior tensors."""
         _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
         g_k = -diff / var
         g = (r * g_k).sum(1, keepdim=True)
-        return self._out(sig2[:, :, 0] * (r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), x_t)
+        return g[:, 0], (r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), sig2[:, :, 0]
+
+    def eps_and_h(self, x_t, t=None, *, alpha_bar=None):
+        """(eps, h) at the cost of one posterior evaluation (what an OCM sampler consumes)."""
+        g, hess, sig2 = self._score_hess(x_t, t, alpha_bar)
+        return self._out(-sig2.sqrt() * g, x_t), self._out(sig2 * hess, x_t)
 
     def predict(self, x_t, t=None, prediction_type: str = "epsilon", *, alpha_bar=None) -> torch.Tensor:
         """The exact network output for ``prediction_type`` ("epsilon", "v_prediction", "sample")."""
@@ -282,6 +290,8 @@ class MixtureModel(torch.nn.Module):
         self.mixture, self.prediction_type, self.return_h = mixture, prediction_type, bool(return_h)
 
     def forward(self, x_t, t):
+        if self.return_h and self.prediction_type == "epsilon":
+            return self.mixture.eps_and_h(x_t, t)
         out = self.mixture.predict(x_t, t, self.prediction_type)
         return (out, self.mixture.h(x_t, t)) if self.return_h else out
 
