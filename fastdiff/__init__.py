@@ -9,14 +9,13 @@ from .kernels.vp_step import COLUMNS, vp_step, vp_step_reference
 from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Sampler, make_sampler, register_sampler,
                        sample)
 from .schedule import Schedule
-from .graphs import GraphedSampler
 from .ocm import OCMDDIMSampler, OCMDDPMSampler, ProbeHead, ocm_loss, ocm_target, train_head
 from .graphs import GraphedSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "COLUMNS", "DDIMSampler", "DDPMSampler", "GraphedSampler", "OCMDDIMSampler", "OCMDDPMSampler", "ProbeHead", "ocm_loss", "ocm_target",
+    "COLUMNS", "DDIMSampler", "DDPMSampler", "OCMDDIMSampler", "OCMDDPMSampler", "ProbeHead", "ocm_loss", "ocm_target",
     "train_head", "GraphedSampler", "SAMPLERS", "Sampler", "Schedule", "make_sampler", "randn",
     "register_sampler", "sample", "vp_step", "vp_step_reference", "__version__",
 ]
