@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite in one command: install fastdiff, run the whole test suite with the `gpu` tests,
-# then the GPU benchmarks (sampler overhead, end to end, step kernel), writing logs, tables and
-# the plot to $OUT (./out when OUT is unset). From the repository root:
+# The GPU suite in one command: install fastdiff, run the `gpu` tests on the device, the GPU
+# benchmarks (sampler overhead, end to end, step kernel), then the rest of the test suite as CI
+# runs it (CUDA hidden, Triton's interpreter), writing logs, tables and the plot to $OUT (./out
+# when OUT is unset). From the repository root:
 #
-#     bash benchmarks/run_gpu_suite.sh                 # everything (~8-9 minutes on an H100)
-#     bash benchmarks/run_gpu_suite.sh tests           # only some phases: tests loop e2e step
+#     bash benchmarks/run_gpu_suite.sh                 # everything (~9 minutes on an H100)
+#     bash benchmarks/run_gpu_suite.sh tests loop      # only some phases: tests loop e2e step cputests
 #
 # diffusers is not on the GPU machines and they have no network: its wheels travel in .whl/
 # (see notes/graphs.md for how to fill it); they are installed to /tmp/site when present.
@@ -22,13 +23,14 @@ cd "$ROOT"
 OUT=${OUT:-$ROOT/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export FASTDIFF_TEST_CUDA=1  # tests/conftest.py: real kernels on the device, no interpreter
 
 BUDGET=${SUITE_BUDGET_S:-570}
-declare -A CAP=([tests]=${SUITE_TESTS_S:-200} [loop]=${SUITE_LOOP_S:-45} [e2e]=${SUITE_E2E_S:-170}
-                [step]=${SUITE_STEP_S:-120})
+declare -A CAP=([tests]=${SUITE_TESTS_S:-150} [loop]=${SUITE_LOOP_S:-45} [e2e]=${SUITE_E2E_S:-160}
+                [step]=${SUITE_STEP_S:-110} [cputests]=${SUITE_CPUTESTS_S:-240})
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests loop e2e step)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests loop e2e step cputests)
+XDIST=()
+python3 -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 QUICK=()
 [ -n "${SUITE_QUICK:-}" ] && QUICK=(--quick)
 read -r -a PYTEST_ARGS <<< "${SUITE_PYTEST_ARGS:-tests}"
@@ -78,11 +80,16 @@ git log -1 --format='commit %h %cd %s' 2>/dev/null || true
 
 for p in "${PHASES[@]}"; do
     case $p in
-        tests) phase tests python3 -m pytest "${PYTEST_ARGS[@]}" -q -rs --durations=15 -p no:cacheprovider ;;
+        # the device tests: real kernels compiled for the GPU (tests/conftest.py: FASTDIFF_TEST_CUDA)
+        tests) phase tests env FASTDIFF_TEST_CUDA=1 python3 -m pytest "${PYTEST_ARGS[@]}" -m gpu -q -rs \
+                   --durations=15 -p no:cacheprovider ;;
+        # everything else as CI runs it: no CUDA, Triton kernels through the interpreter
+        cputests) phase cputests env CUDA_VISIBLE_DEVICES= python3 -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" -q \
+                   "${XDIST[@]}" --durations=10 -p no:cacheprovider ;;
         loop)  phase loop python3 benchmarks/bench_gpu_loop.py --out "$OUT" "${QUICK[@]}" ;;
         e2e)   phase e2e python3 benchmarks/bench_gpu_e2e.py --out "$OUT" --compile-budget "${SUITE_E2E_COMPILE_S:-100}" "${QUICK[@]}" ;;
         step)  phase step python3 benchmarks/bench_gpu_step.py --out "$OUT" --compile-budget "${SUITE_STEP_COMPILE_S:-50}" "${QUICK[@]}" ;;
-        *) say "unknown phase '$p' (expected: tests loop e2e step)"; STATUS=1 ;;
+        *) say "unknown phase '$p' (expected: tests loop e2e step cputests)"; STATUS=1 ;;
     esac
 done
 
