@@ -11,6 +11,7 @@ from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Sampler, make_sampler
 from .schedule import Schedule
 from .ocm import OCMDDIMSampler, OCMDDPMSampler, ProbeHead, ocm_loss, ocm_target, train_head
 from .graphs import GraphedSampler
+from .consistency import ConsistencyDistillation, ConsistencySampler
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "COLUMNS", "DDIMSampler", "DDPMSampler", "OCMDDIMSampler", "OCMDDPMSampler", "ProbeHead", "ocm_loss", "ocm_target",
     "train_head", "GraphedSampler", "SAMPLERS", "Sampler", "Schedule", "make_sampler", "randn",
     "register_sampler", "sample", "vp_step", "vp_step_reference", "__version__",
+    "ConsistencyDistillation", "ConsistencySampler",
 ]
