@@ -62,7 +62,7 @@ def _git_commit() -> str:
         here = Path(__file__).resolve().parent
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fastdiff", "csrc"], cwd=here,
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":(top)fastdiff", ":(top)csrc"], cwd=here,
                                stderr=subprocess.DEVNULL).returncode != 0
         return sha + ("+local changes" if dirty else "")
     except Exception:
@@ -103,6 +103,7 @@ class Table:
         self.title, self.columns, self.prov, self.notes = title, columns, prov, list(notes or [])
         self.rows: List[List[str]] = []
         self.records: List[dict] = []
+        self._autosave: Optional[tuple] = None
         print(f"\n### {title}\n\n{provenance_line(prov)}\n", flush=True)
         for n in self.notes:
             print(n, flush=True)
@@ -113,6 +114,13 @@ class Table:
         if record is not None:
             self.records.append(record)
         print("| " + " | ".join(self.rows[-1]) + " |", flush=True)
+        if self._autosave is not None:
+            self.save(*self._autosave)
+
+    def autosave(self, out_dir: Optional[str], name: str) -> None:
+        """Rewrite the output files after every row, so a run stopped at its time limit keeps
+        what it measured."""
+        self._autosave = (out_dir, name) if out_dir else None
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", provenance_line(self.prov), ""] + self.notes + ([""] if self.notes else [])

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                 prov, notes=[f"torch.compile mode: {args.compile_mode}, dynamic=False; its compile + graph "
                              "recording time is the first call's, on its own row."
                              + (" On a CPU 'graphed' runs the eager fallback." if device.type != "cuda" else "")])
+    tab.autosave(args.out, "e2e")
     compile_spent = 0.0
     for res in resolutions:
         unet = make_unet(res, device, dtype, args.width)
@@ -147,12 +148,12 @@ def main(argv=None) -> int:
                 tab.add([batch, res, "  torch.compile: first call (compile + record)", fmt_time(ctime), "-", "-", "-"],
                         dict(batch=batch, resolution=res, loop="compile", seconds=ctime))
             graphed.reset()
+            if args.out:  # after every configuration: a run stopped at its time limit keeps its plot
+                from plot_e2e import plot
+                plot(Path(args.out) / "e2e.json", Path(args.out) / "e2e_speedup.png")
         del unet, compiled
         torch._dynamo.reset()
     tab.save(args.out, "e2e")
-    if args.out:
-        from plot_e2e import plot
-        plot(Path(args.out) / "e2e.json", Path(args.out) / "e2e_speedup.png")
     return 0
 
 

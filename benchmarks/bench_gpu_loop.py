@@ -52,6 +52,7 @@ def main(argv=None) -> int:
                 notes=["µs/step = time of one whole sampling call / steps (x_T given); the identity model "
                        "costs nothing, so this is the sampler's own cost per step."
                        + (" On a CPU 'graphed' runs the eager fallback." if device.type != "cuda" else "")])
+    tab.autosave(args.out, "loop")
     warnings.simplefilter("ignore", GraphFallbackWarning)
     for shape, dname in cases:
         dt = DTYPES[dname]

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
                        f"{args.compile_mode} (compile time, autotuning included, on its own row; max-autotune "
                        "runs the compiled step in a CUDA graph, which copies non-static inputs into its "
                        "buffers on each call)."])
+    tab.autosave(args.out, "step")
     compile_spent = 0.0
     for size_name, shape in sizes:
         n = math.prod(shape)

@@ -25,8 +25,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 BUDGET=${SUITE_BUDGET_S:-570}
-declare -A CAP=([tests]=${SUITE_TESTS_S:-150} [loop]=${SUITE_LOOP_S:-45} [e2e]=${SUITE_E2E_S:-160}
-                [step]=${SUITE_STEP_S:-110} [cputests]=${SUITE_CPUTESTS_S:-240})
+declare -A CAP=([tests]=${SUITE_TESTS_S:-150} [loop]=${SUITE_LOOP_S:-45} [e2e]=${SUITE_E2E_S:-170}
+                [step]=${SUITE_STEP_S:-130} [cputests]=${SUITE_CPUTESTS_S:-240})
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(tests loop e2e step cputests)
 XDIST=()
@@ -87,8 +87,8 @@ for p in "${PHASES[@]}"; do
         cputests) phase cputests env CUDA_VISIBLE_DEVICES= python3 -m pytest "${PYTEST_ARGS[@]}" -m "not gpu" -q \
                    "${XDIST[@]}" --durations=10 -p no:cacheprovider ;;
         loop)  phase loop python3 benchmarks/bench_gpu_loop.py --out "$OUT" "${QUICK[@]}" ;;
-        e2e)   phase e2e python3 benchmarks/bench_gpu_e2e.py --out "$OUT" --compile-budget "${SUITE_E2E_COMPILE_S:-100}" "${QUICK[@]}" ;;
-        step)  phase step python3 benchmarks/bench_gpu_step.py --out "$OUT" --compile-budget "${SUITE_STEP_COMPILE_S:-50}" "${QUICK[@]}" ;;
+        e2e)   phase e2e python3 benchmarks/bench_gpu_e2e.py --out "$OUT" --compile-budget "${SUITE_E2E_COMPILE_S:-110}" "${QUICK[@]}" ;;
+        step)  phase step python3 benchmarks/bench_gpu_step.py --out "$OUT" --compile-budget "${SUITE_STEP_COMPILE_S:-70}" "${QUICK[@]}" ;;
         *) say "unknown phase '$p' (expected: tests loop e2e step cputests)"; STATUS=1 ;;
     esac
 done

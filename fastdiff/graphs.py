@@ -41,6 +41,7 @@ per process for ``cuda_graph=True``), with the same samples.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -69,6 +70,10 @@ class GraphFallbackWarning(UserWarning):
 
 _SCALARS = (bool, int, float, str, type(None), np.integer, np.floating, np.bool_, torch.dtype, torch.device)
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Each distinct fingerprint gets a small int, so that a call hashes a short key rather than the
+# whole configuration (tuples do not cache their hash).
+_FINGERPRINT_IDS: dict = {}
+_SAMPLER_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _array_key(a: np.ndarray) -> tuple:
@@ -113,6 +118,19 @@ def sampler_fingerprint(sampler: Sampler) -> tuple:
     return fp
 
 
+def _sampler_key(sampler: Sampler) -> int:
+    try:
+        return _SAMPLER_IDS[sampler]
+    except (KeyError, TypeError):
+        pass
+    key = _FINGERPRINT_IDS.setdefault(sampler_fingerprint(sampler), len(_FINGERPRINT_IDS))
+    try:
+        _SAMPLER_IDS[sampler] = key
+    except TypeError:
+        pass
+    return key
+
+
 def _model_key(model):
     # A (network, head) pair passed as a tuple is a new tuple on each call: key by its members.
     if isinstance(model, (tuple, list)):
@@ -148,6 +166,13 @@ def _normalize_device(device) -> torch.device:
 
 def _graphs_available(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def _on_device(device: torch.device):
+    """Make ``device`` current where it is not already (capture and replay use the current one)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _warm_up(body, device: torch.device, iterations: int) -> None:
@@ -225,7 +250,7 @@ class GraphCache:
         autocast = (torch.is_autocast_enabled(device.type),
                     torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
         return (tuple(int(s) for s in shape), dtype, device, int(sample_offset), bool(given_x),
-                _model_key(model), sampler_fingerprint(sampler), _backend.resolve(sampler.backend, device),
+                _model_key(model), _sampler_key(sampler), _backend.resolve(sampler.backend, device),
                 autocast)
 
     def _pool(self, device: torch.device):
@@ -250,7 +275,7 @@ class GraphCache:
                              backend=sampler.backend)
             sampler.loop(model, static_x, seed, sample_offset=sample_offset)
 
-        with torch.no_grad():
+        with torch.no_grad(), _on_device(device):
             _warm_up(body, device, self.warmup)  # errors here are the model's own: let them through
             try:
                 graph = _record(body, device, self._pool(device))
@@ -289,11 +314,12 @@ class GraphCache:
                 self._graphs.popitem(last=False)[1].release()
         else:
             self._graphs.move_to_end(key)
-        entry.seed.fill_(int(seed))  # a device write on the current stream: no capture, no sync
-        if x is not None:
-            entry.x.copy_(x)
-        entry.graph.replay()
-        return entry.x.clone() if copy else entry.x
+        with torch.no_grad(), _on_device(device):
+            entry.seed.fill_(int(seed))  # a device write on the current stream: no capture, no sync
+            if x is not None:
+                entry.x.copy_(x)
+            entry.graph.replay()
+            return entry.x.clone() if copy else entry.x
 
     def reset(self) -> None:
         """Release every graph, its static buffers and this cache's memory pools."""
