@@ -60,6 +60,14 @@ __all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedul
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
+def _indexed(device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: the key a tensor's own ``.device`` will have."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class _State:
     """fastdiff's per-scheduler state, kept out of diffusers' attribute namespace."""
 
@@ -329,7 +337,7 @@ class DDIMScheduler(_FastStepMixin, _DiffusersDDIMScheduler):
         self.num_inference_steps = int(num_inference_steps)
         self._record_timesteps(ts, device)
         if device is not None:
-            self._table(torch.device(device), torch.float32, 0.0)
+            self._table(_indexed(device), torch.float32, 0.0)
 
     def _table(self, device: torch.device, dtype: torch.dtype, eta: float) -> torch.Tensor:
         n, k = int(self.config.num_train_timesteps), int(self.num_inference_steps)
@@ -419,7 +427,7 @@ class DDPMScheduler(_FastStepMixin, _DiffusersDDPMScheduler):
             ts = C.make_timesteps(n, int(num_inference_steps), str(cfg.timestep_spacing), int(cfg.steps_offset))
         self._record_timesteps(ts, device)
         if device is not None:
-            self._table(torch.device(device), torch.float32)
+            self._table(_indexed(device), torch.float32)
 
     def _schedule_ts(self) -> np.ndarray:
         """The host timesteps the previous-timestep rule reads (all of them before set_timesteps)."""
