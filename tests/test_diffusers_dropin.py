@@ -589,3 +589,20 @@ def test_gpu_kernel_matches_float64(kind, dtype):
             scale = max(1.0, ov.abs().max().item())
             assert err(fv.cpu(), ov, scale) <= tolerance(dtype), (kind, dtype, ts[i])
         x = f.prev_sample
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_gpu_timestep_not_from_scheduler(kind):
+    """A GPU timestep tensor that is not an element of scheduler.timesteps (its value cannot be
+    read without a sync) indexes the table on the device and gives the same update."""
+    dev = torch.device("cuda")
+    fast = DDIMScheduler() if kind == "ddim" else DDPMScheduler()
+    fast.set_timesteps(10, device=dev)
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    m, z = torch.randn_like(x), torch.randn_like(x)
+    kw = dict(eta=1.0) if kind == "ddim" else {}
+    for t in fast.timesteps:
+        a = fast.step(m, t, x, variance_noise=z, **kw).prev_sample
+        b = fast.step(m, t.clone(), x, variance_noise=z, **kw).prev_sample
+        assert torch.equal(a, b)
