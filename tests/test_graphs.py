@@ -194,6 +194,20 @@ def test_replay_reads_a_new_seed_without_recapture(fake_graphs):
     assert torch.equal(b, s.sample(pointwise_model, (2, 3, 5), seed=2))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: DDPMSampler(steps=4, variance_type="fixed_large"),
+    lambda: DDIMSampler(steps=4, eta=0.5, thresholding=True, sample_max_value=1.5),
+    lambda: pytest.importorskip("fastdiff.ocm").OCMDDIMSampler(steps=4, head=lambda x, t: 0.2 * torch.tanh(x)),
+    lambda: pytest.importorskip("fastdiff.consistency").ConsistencySampler(steps=3, prediction_type="sample"),
+], ids=["ddpm-large", "ddim-threshold", "ocm-ddim", "consistency"])
+def test_every_sampler_kind_replays_like_its_eager_loop(fake_graphs, make):
+    s = make()
+    runner = GraphedSampler(s, pointwise_model, pool="pool")
+    for seed in (0, 1):
+        assert torch.equal(runner((3, 2, 5), seed=seed), s.sample(pointwise_model, (3, 2, 5), seed=seed))
+    assert runner.captures == 1
+
+
 def test_deterministic_graph_matches_float64_chain(fake_graphs):
     s = DDIMSampler(steps=8, eta=0.0)
     shape = (2, 3, 7)
@@ -328,7 +342,11 @@ def _gpu_samplers():
         ocm_mod = pytest.importorskip("fastdiff.ocm")
         return getattr(ocm_mod, name)(steps=12, head=head)
 
-    cases += [("ocm-ddpm", lambda: ocm("OCMDDPMSampler")), ("ocm-ddim", lambda: ocm("OCMDDIMSampler"))]
+    def consistency():
+        return pytest.importorskip("fastdiff.consistency").ConsistencySampler(steps=4, prediction_type="v_prediction")
+
+    cases += [("ocm-ddpm", lambda: ocm("OCMDDPMSampler")), ("ocm-ddim", lambda: ocm("OCMDDIMSampler")),
+              ("consistency", consistency)]
     return cases
 
 
