@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -66,7 +67,8 @@ def _git_commit() -> str:
                                stderr=subprocess.DEVNULL).returncode != 0
         return sha + ("+local changes" if dirty else "")
     except Exception:
-        return "unknown (not a git checkout)"
+        # The GPU machine gets a copy of the working tree without .git: the caller passes the commit.
+        return os.environ.get("FASTDIFF_COMMIT", "unknown (not a git checkout; set FASTDIFF_COMMIT)")
 
 
 def _version(module: str) -> str:
