@@ -141,7 +141,8 @@ def resolve_student(teacher, student, teacher_prediction_type, student_predictio
             raise ValueError("a student copied from the teacher must read its output the same way: "
                              f"teacher_prediction_type={teacher_prediction_type!r}, student_prediction_type="
                              f"{student_prediction_type!r}; pass a student to change the parameterisation")
-        student = copy.deepcopy(teacher)
+        # A frozen teacher (requires_grad False, as loaded for inference) gives a trainable copy.
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
     if isinstance(teacher, nn.Module):
         teacher.requires_grad_(False)
     return student, student_prediction_type

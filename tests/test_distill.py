@@ -210,3 +210,15 @@ def test_bad_teacher_student_and_data():
         pd.fit([1, 2, 3])
     with pytest.raises(ValueError, match="must return a tensor with 8 rows"):
         pd.fit(lambda n, g: torch.zeros(3, 2))
+
+
+def test_student_copied_from_a_frozen_teacher_trains_and_the_teacher_stays():
+    torch.manual_seed(0)
+    teacher = MLPDenoiser(2, hidden=16).eval().requires_grad_(False)  # as loaded for inference
+    before = [p.clone() for p in teacher.parameters()]
+    pd = ProgressiveDistillation(teacher, None, None, teacher_prediction_type="v_prediction", teacher_steps=4,
+                                 final_steps=2, iters_per_round=3, batch_size=8, lr=1e-2)
+    assert pd.student is not teacher
+    pd.fit(torch.randn(32, 2))
+    assert any(not torch.equal(a, b) for a, b in zip(pd.student.parameters(), before))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), before))
