@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 try:
-    from diffusers.configuration_utils import register_to_config  # noqa: F401  (re-exported for subclasses)
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler as _DiffusersDDIMScheduler
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMScheduler as _DiffusersDDPMScheduler

@@ -25,7 +25,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from fastdiff.diffusers import DDIMScheduler, DDPMScheduler, swap_scheduler  # noqa: E402
+from fastdiff.diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
 EPS = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float64: 0.0}
 FP32_TOL = 4e-6
