@@ -115,7 +115,8 @@ class OCMDDPMSampler(_OCMMixin, DDPMSampler):
         variance_type = kw.pop("variance_type", "fixed_small")
         if variance_type not in ("fixed_small", "fixed_small_log"):
             raise ValueError("OCM-DDPM adds the covariance term to the fixed_small variance beta_tilde (the "
-                             f"variance of q(x_s | x_t, x0)); variance_type must be 'fixed_small', got {variance_type!r}")
+                             f"variance of q(x_s | x_t, x0)); variance_type must be 'fixed_small', "
+                             f"got {variance_type!r}")
         super().__init__(schedule, steps, variance_type=variance_type, **kw)
         self._ocm_init(head, cov_max, clip_pixels)
 
@@ -159,7 +160,8 @@ def _eps_from_output(output, x_t, sqrt_ab, sigma, prediction_type):
 
 def _coeffs(schedule: Schedule, t, x_t):
     """sqrt(ab_t), sigma_t as [B, 1, ...] tensors in x_t's dtype (a device gather, no sync)."""
-    ab = schedule.alphas_cumprod.to(x_t.device).index_select(0, torch.as_tensor(t, device=x_t.device).reshape(-1).long())
+    idx = torch.as_tensor(t, device=x_t.device).reshape(-1).long()
+    ab = schedule.alphas_cumprod.to(x_t.device).index_select(0, idx)
     ab = ab.expand(x_t.shape[0]) if ab.numel() == 1 else ab
     ab = ab.to(x_t.dtype).reshape((-1,) + (1,) * (x_t.dim() - 1))
     return ab.sqrt(), (1.0 - ab).sqrt()

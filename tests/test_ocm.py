@@ -71,10 +71,15 @@ def test_kernel_on_ocm_tables_vs_float64(kind, eta, dtype):
         want = f64_ocm_step(x, m, h, z, ab, int(ts[i]), int(prev[i]), kind=kind, eta=eta, cov_max=0.05,
                             var_max=var_max, final=i == sampler.steps - 1)
         step = torch.tensor([i])
+        outs = []
         for backend in ("triton", "torch"):
             got = vp_step(x, m, table, step, noise=z, var_mode="ocm", aux=h, cov_max=0.05, backend=backend)
             err = float((got.double() - want).abs().max() / want.abs().max())
             assert got.dtype == dtype and err < TOL[dtype], (backend, i, err)
+            outs.append(got.double())
+        # kernel vs its reference: the same fp32 arithmetic, so within one rounding of the output dtype
+        ulp = {torch.float32: 2e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+        assert float((outs[0] - outs[1]).abs().max()) <= ulp * float(want.abs().max())
 
 
 def test_kernel_philox_ocm_matches_reference():
@@ -168,6 +173,18 @@ def test_objective_estimate_converges_to_exact_h():
     assert rms < 1.5 * float((singles.var(0).mean() / 256).sqrt()) + 1e-6
     assert rms < 0.05 * float(exact.abs().mean())
     assert float(ocm_loss(exact, est)) == pytest.approx(rms ** 2, rel=1e-9)
+
+
+def test_objective_reads_every_prediction_type():
+    """The probe target is a function of the score only: v- and x0-prediction networks of the
+    same mixture give the epsilon network's target (same probes), for a scalar t too."""
+    gm = GaussianMixture.random(4, 3, seed=4)
+    _, xt, _ = gm.sample_xt(6, 300, torch.Generator().manual_seed(0))
+    want = ocm_target(gm.model(), xt, 300, generator=torch.Generator().manual_seed(5), probes=3)
+    for pred in ("v_prediction", "sample"):
+        got = ocm_target(gm.model(pred), xt, 300, prediction_type=pred, generator=torch.Generator().manual_seed(5),
+                         probes=3)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
 
 
 def test_probe_head_in_a_sampler():
