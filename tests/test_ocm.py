@@ -152,7 +152,9 @@ def test_one_ocm_ddpm_step_by_hand():
     x = xT
     x1 = f64_ocm_step(x, gm.eps(x, t0), gm.h(x, t0), z, ab, t0, t1, kind="ddpm", cov_max=math.inf).float()
     want = f64_ocm_step(x1, gm.eps(x1, t1), gm.h(x1, t1), z, ab, t1, -1, kind="ddpm", final=True)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # fp32 step arithmetic: a few roundings of |x| amplified by 1/sqrt(ab_t) (~156 at t = 999).
+    tol = 8 * 2.0 ** -24 / math.sqrt(float(ab[t0])) * float(xT.abs().max())
+    assert float((got.double() - want).abs().max()) < tol
 
 
 def test_objective_estimate_converges_to_exact_h():
