@@ -1,8 +1,21 @@
-"""The `fastdiff` command line (placeholder until the demo model lands): `fastdiff info`."""
+"""The `fastdiff` command line.
+
+    fastdiff info                                   which backends are available and why
+    fastdiff sample --sampler ocm-ddpm --steps 10 --out digits.png
+                                                    digits from the packaged demo model, as a PNG grid
+    fastdiff bench                                  the step microbenchmark: one fused step against
+                                                    the same update as separate eager torch ops
+
+Errors in the arguments exit with status 2 and a message naming the constraint.
+"""
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import sys
+import time
 
 
 def _info(_args) -> int:
@@ -11,12 +24,245 @@ def _info(_args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff", description="fast diffusion sampling")
+# ------------------------------------------------------------------------------------------
+# sample
+
+
+def _sample(args) -> int:
+    import torch
+
+    from . import demo
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
+    t0 = time.perf_counter()
+    x = demo.sample(args.sampler, args.steps, args.n, seed=args.seed, eta=args.eta, device=device,
+                    backend=args.backend)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    grid = demo.image_grid(x, nrow=args.nrow, scale=args.scale)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise _UsageError(f"--out {args.out}: the directory {out_dir} does not exist")
+    demo.write_png(args.out, grid)
+    print(f"wrote {args.out}: {args.n} samples, sampler {args.sampler}, {args.steps} steps, seed {args.seed}, "
+          f"{grid.shape[1]}x{grid.shape[0]} px ({elapsed:.2f} s on {device})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# bench
+
+
+def _timer(fn, device, repeat: int, warmup: int = 3) -> float:
+    """Median seconds per call of ``fn``: CUDA events on a GPU (each call timed on the device),
+    perf_counter around a synchronised call on the CPU."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _eager_ddpm_step(x, eps, z, a_t, s_t, c_x0, c_xt, std):
+    """The DDPM update as a diffusers-style scheduler writes it: one torch op (one pass over
+    memory) per line."""
+    x0 = (x - s_t * eps) / a_t
+    x0 = x0.clamp(-1.0, 1.0)
+    mean = c_x0 * x0 + c_xt * x
+    return mean + std * z
+
+
+def _bench(args) -> int:
+    import torch
+
+    from . import __version__
+    from .backend import resolve
+    from .kernels.vp_step import COL, vp_step
+    from .samplers import DDPMSampler
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    backend = resolve(args.backend, device)
+    sampler = DDPMSampler(None, 50, clip_sample=True)
+    table, _, ids = sampler.device_state(device)
+    step = ids[10]
+    host_row = sampler.table[10]
+    a_t, s_t, c_x0, c_xt, std = (float(host_row[COL[k]]) for k in ("sqrt_ab_t", "sigma_t", "c_x0", "c_xt", "std"))
+    seed = torch.tensor([0], dtype=torch.int64, device=device)
+    commit = _git_commit()
+    print(f"fastdiff {__version__} step microbenchmark - {_device_name(device)}, torch {torch.__version__}, "
+          f"{args.dtype}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
+          + (f", commit {commit}" if commit else ""))
+    print(f"fused: vp_step (DDPM, clip, in-kernel Philox noise) on the {backend} backend; eager: the same update "
+          "as separate torch ops with noise from torch.randn")
+    print(f"{'shape':>20} {'elements':>10} {'fused ms':>9} {'eager ms':>9} {'speed-up':>8} {'fused GB/s':>10}")
+    shapes = args.shape or _default_shapes(device)
+    for shape in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(shape, generator=g, device=device, dtype=dtype)
+        eps = torch.randn(shape, generator=g, device=device, dtype=dtype)
+        out = torch.empty_like(x)
+
+        def fused():
+            vp_step(x, eps, table, step, prediction_type="epsilon", clip_range=1.0, seed=seed, out=out,
+                    backend=backend)
+
+        def eager():
+            z = torch.randn_like(x)
+            return _eager_ddpm_step(x, eps, z, a_t, s_t, c_x0, c_xt, std)
+
+        t_fused = _timer(fused, device, args.repeat)
+        t_eager = _timer(eager, device, args.repeat)
+        moved = 3 * x.numel() * x.element_size()  # read x and eps, write out: the floor of a step
+        print(f"{str(tuple(shape)):>20} {x.numel():>10} {t_fused * 1e3:>9.3f} {t_eager * 1e3:>9.3f} "
+              f"{t_eager / t_fused:>7.2f}x {moved / t_fused / 1e9:>10.2f}")
+    if device.type != "cuda":
+        print("note: on the CPU the step runs the plain-torch reference (not fused); the fused Triton kernel "
+              "needs a CUDA device. The full benchmark (benchmarks/bench_step.py in the source tree) adds "
+              "CUDA-graph loops and bandwidth against a device copy.")
+    return 0
+
+
+def _default_shapes(device):
+    # Latent-diffusion sizes on a GPU (4-channel 64x64 and 128x128 latents, batch 16: 1 M and 4 M
+    # elements); the demo's digits batch and one latent batch on the CPU, where it is slow.
+    if device.type == "cuda":
+        return [(16, 4, 64, 64), (16, 4, 128, 128), (8, 3, 256, 256)]
+    return [(64, 1, 8, 8), (4, 4, 64, 64)]
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _git_commit() -> str:
+    """The source tree's commit when run from a checkout, else '' (an installed package has none)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        res = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+# ------------------------------------------------------------------------------------------
+# argument parsing
+
+
+class _UsageError(Exception):
+    """A bad argument found after parsing; reported like an argparse error (exit status 2)."""
+
+
+def _positive_int(name, lo=1, hi=None):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
+        return v
+    return parse
+
+
+def _nonneg_float(name):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not v >= 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
+        return v
+    return parse
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must look like 8x4x64x64, got {text!r}") from None
+    if not shape or len(shape) > 4 or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"--shape must have 1 to 4 positive sizes, got {text!r}")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="fastdiff", description="fast diffusion sampling",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backends are available and why").set_defaults(func=_info)
+
+    p = sub.add_parser("sample", help="sample digits from the packaged demo model into a PNG grid")
+    p.add_argument("--sampler", choices=DEMO_SAMPLERS, default="ocm-ddpm",
+                   help="student: the progressively distilled student (2 or 4 steps); consistency: the "
+                        "consistency-distilled model; the others run the demo UNet (default: ocm-ddpm)")
+    p.add_argument("--steps", type=_positive_int("--steps", 1, 1000), default=10, help="sampling steps (default 10)")
+    p.add_argument("--n", type=_positive_int("--n", 1, 4096), default=64, help="number of digits (default 64)")
+    p.add_argument("--seed", type=_positive_int("--seed", 0, 2**63 - 1), default=0)
+    p.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM stochasticity (ddim, ocm-ddim)")
+    p.add_argument("--out", default="digits.png", help="PNG file to write (default digits.png)")
+    p.add_argument("--nrow", type=_positive_int("--nrow"), default=None, help="images per grid row")
+    p.add_argument("--scale", type=_positive_int("--scale", 1, 64), default=4, help="pixel upscaling (default 4)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--backend", choices=("torch", "triton"), default=None,
+                   help="force the step backend (default: triton on CUDA, torch on CPU)")
+    p.set_defaults(func=_sample)
+
+    b = sub.add_parser("bench", help="step microbenchmark: fused step vs eager torch ops")
+    b.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    b.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    b.add_argument("--shape", type=_shape, action="append", help="tensor shape, e.g. 16x4x64x64 (repeatable)")
+    b.add_argument("--repeat", type=_positive_int("--repeat"), default=20)
+    b.add_argument("--backend", choices=("torch", "triton"), default=None)
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    if getattr(args, "device", "cpu") is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.command == "sample" and not args.out.lower().endswith(".png"):
+        parser.error(f"--out must name a .png file, got {args.out!r}")
+    try:
+        return args.func(args)
+    except (_UsageError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":
