@@ -184,7 +184,8 @@ class _Trainer:
             if data.dim() < 2 or data.shape[0] == 0:
                 raise ValueError(f"data must be a [N, ...] tensor of training samples with N > 0, got {tuple(data.shape)}")
             idx = torch.randint(0, data.shape[0], (self.batch_size,), generator=self.generator, device=self.device)
-            return data.to(self.device)[idx].float()
+            # Gather where the data lives, then move only the batch (a dataset on the host stays there).
+            return data[idx.to(data.device)].to(self.device).float()
         if callable(data):
             x0 = data(self.batch_size, self.generator)
             if not isinstance(x0, torch.Tensor) or x0.shape[0] != self.batch_size:
