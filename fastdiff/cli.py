@@ -5,6 +5,7 @@
                                                     digits from the packaged demo model, as a PNG grid
     fastdiff bench                                  the step microbenchmark: one fused step against
                                                     the same update as separate eager torch ops
+    fastdiff bench --full [--quick]                 benchmarks/bench_step.py (from a source checkout)
 
 Errors in the arguments exit with status 2 and a message naming the constraint.
 """
@@ -92,8 +93,28 @@ def _eager_ddpm_step(x, eps, z, a_t, s_t, c_x0, c_xt, std):
     return mean + std * z
 
 
+def _full_bench(args) -> int:
+    """benchmarks/bench_step.py of the source tree this package runs from (an editable install or
+    a checkout); an installed wheel has no benchmarks/, so this says so instead."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "bench_step.py")
+    if not os.path.exists(path):
+        raise _UsageError(f"--full runs benchmarks/bench_step.py from the fastdiff source tree, which is not "
+                          f"next to this installed package ({root}); run it from a checkout, or drop --full "
+                          "for the built-in step benchmark")
+    spec = importlib.util.spec_from_file_location("fastdiff_bench_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(["--quick"] if args.quick else []) or 0)
+
+
 def _bench(args) -> int:
     import torch
+
+    if args.full:
+        return _full_bench(args)
 
     from . import __version__
     from .backend import resolve
@@ -247,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", type=_shape, action="append", help="tensor shape, e.g. 16x4x64x64 (repeatable)")
     b.add_argument("--repeat", type=_positive_int("--repeat"), default=20)
     b.add_argument("--backend", choices=("torch", "triton"), default=None)
+    b.add_argument("--full", action="store_true",
+                   help="run the full benchmarks/bench_step.py instead (source checkouts only)")
+    b.add_argument("--quick", action="store_true", help="with --full: three sizes, fp32 only")
     b.set_defaults(func=_bench)
     return parser
 

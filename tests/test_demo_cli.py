@@ -186,3 +186,12 @@ def test_cuda_sampling_matches_cpu():
     cpu = demo.sample("ocm-ddpm", 10, 16, seed=5)
     gpu = demo.sample("ocm-ddpm", 10, 16, seed=5, device="cuda").cpu()
     assert (gpu - cpu).abs().max() < 2e-2
+
+
+def test_bench_full_outside_a_checkout_says_why(monkeypatch, capsys):
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p).endswith("bench_step.py") else real_exists(p))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--full"])
+    assert exc.value.code == 2
+    assert "runs benchmarks/bench_step.py from the fastdiff source tree" in capsys.readouterr().err
