@@ -218,7 +218,7 @@ def main(argv=None):
     p.add_argument("--pd-iters", type=int, default=300, help="iterations per halving round")
     p.add_argument("--pd-lr", type=float, default=2e-4)
     p.add_argument("--cd-grid", type=int, default=16, help="teacher DDIM steps the consistency ODE grid has")
-    p.add_argument("--cd-iters", type=int, default=600)
+    p.add_argument("--cd-iters", type=int, default=1500)
     p.add_argument("--cd-lr", type=float, default=2e-4)
     p.add_argument("--head-iters", type=int, default=600)
     p.add_argument("--clf-iters", type=int, default=1500)
