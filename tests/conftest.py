@@ -20,6 +20,10 @@ import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# The tests use small tensors, where intra-op threads only add synchronisation; on a shared
+# 2-core machine a second thread that is descheduled made an 8x8 convolution 40x slower.
+torch.set_num_threads(int(os.environ.get("FASTDIFF_TEST_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
