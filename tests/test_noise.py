@@ -123,7 +123,7 @@ def test_randn_dtypes(dtype):
 
 def test_range_generator_equals_per_index_generator():
     seed = torch.tensor(2**40 + 17)
-    for start, n in ((0, 1), (3, 10), (5, 4), (2**33 + 1, 37)):
+    for start, n in ((0, 1), (3, 10), (5, 4), (2**33 + 1, 37), (6, 3 * philox._TORCH_CHUNK // 2 + 5)):
         g = torch.arange(start, start + n, dtype=torch.int64)
         torch.testing.assert_close(philox.normals_range(seed, start, n, 6, 0, "cpu"),
                                    philox.normals_torch(seed, g, 6, 0), rtol=0, atol=0)

@@ -143,9 +143,20 @@ def _box_muller4(w0, w1, w2, w3) -> torch.Tensor:
                         r23 * torch.cos(th23), r23 * torch.sin(th23)], dim=-1)
 
 
+# Elements per chunk of the torch generator: its ~150 int64 passes stay in cache (6x faster on
+# 16M elements than one pass over everything: 0.43 s vs 2.6 s on 2 CPU cores).
+_TORCH_CHUNK = 1 << 20
+
+
 def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, device) -> torch.Tensor:
     """``normals_torch`` for the contiguous indices start .. start + n - 1, one Philox call per
     group of four (4x less work than per element)."""
+    if n > _TORCH_CHUNK:
+        out = torch.empty(n, device=device, dtype=torch.float32)
+        for lo in range(0, n, _TORCH_CHUNK):
+            hi = min(lo + _TORCH_CHUNK, n)
+            out[lo:hi] = normals_range(seed, start + lo, hi - lo, step, stream, device)
+        return out
     q0, q1 = start // 4, (start + n - 1) // 4
     q = torch.arange(q0, q1 + 1, device=device, dtype=torch.int64)
     step = torch.as_tensor(step, device=device, dtype=torch.int64) & _M32
