@@ -384,3 +384,26 @@ def test_gpu_kernel_vs_float64(dtype):
                       clip_range=1.0)
         # the GPU rounds bf16 to nearest: the interpreter's truncation allowance is not needed
         assert rel_err(got.cpu(), want) < (8e-3 if dtype == torch.bfloat16 else TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_from_the_model_is_not_hidden_by_clipping(backend):
+    """A NaN model output must come out NaN, not as -clip_range (tl.maximum drops NaN by default)."""
+    x, m = torch.randn(2, 9), torch.randn(2, 9)
+    m[1, 4] = float("nan")
+    table = table_for("ddim")
+    for kw in (dict(clip_range=1.0), dict(thresholds=torch.tensor([1.2, 1.7])), {}):
+        y = vp_step(x, m, table, torch.tensor([3]), backend=backend, **kw)
+        assert torch.isnan(y[1, 4]) and int(torch.isnan(y).sum()) == 1, kw
+
+
+def test_strided_table_and_thresholds_are_read_correctly():
+    gen = torch.Generator().manual_seed(15)
+    x, m = rand((3, 11), torch.float32, gen), rand((3, 11), torch.float32, gen)
+    table = table_for("ddpm")
+    wide = torch.zeros(table.shape[1], table.shape[0]).t()  # a transposed (non-contiguous) copy
+    wide.copy_(table)
+    th_big = torch.tensor([1.0, 0, 1.5, 0, 2.0, 0])
+    want = vp_step(x, m, table, torch.tensor([2]), thresholds=th_big[::2].contiguous(), backend="torch")
+    got = vp_step(x, m, wide, torch.tensor([2]), thresholds=th_big[::2], backend="triton")
+    assert rel_err(got, want.double()) < 2e-6

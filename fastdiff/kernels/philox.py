@@ -90,7 +90,9 @@ if triton is not None:
         z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
         return tl.reshape(z, (BLOCK,))
 
-    @triton.jit
+    # A Python int equal to 1 would be specialised into a constexpr, which has no .to():
+    # keep step and stream runtime values (triton-lang/triton#2939).
+    @triton.jit(do_not_specialize=["step", "stream"])
     def _randn_kernel(out_ptr, seed_ptr, n, g_base, step, stream, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         seed = tl.load(seed_ptr)
@@ -122,8 +124,7 @@ def normals_torch(seed: torch.Tensor, g: torch.Tensor, step, stream: int) -> tor
     lane = g % 4
     c0 = q & _M32
     c1 = (q >> 32) & _M32
-    step = torch.as_tensor(step, device=g.device, dtype=torch.int64) & _M32
-    c2 = torch.zeros_like(q) + step
+    c2 = _step_counter(q, step)
     c3 = torch.full_like(q, stream)
     words = _philox4_torch(torch.as_tensor(seed, device=g.device), c0, c1, c2, c3)
     return _box_muller4(*words).gather(-1, lane.unsqueeze(-1)).squeeze(-1)
@@ -159,10 +160,17 @@ def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, dev
         return out
     q0, q1 = start // 4, (start + n - 1) // 4
     q = torch.arange(q0, q1 + 1, device=device, dtype=torch.int64)
-    step = torch.as_tensor(step, device=device, dtype=torch.int64) & _M32
     words = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
-                           torch.zeros_like(q) + step, torch.full_like(q, stream))
+                           _step_counter(q, step), torch.full_like(q, stream))
     return _box_muller4(*words).reshape(-1)[start - 4 * q0: start - 4 * q0 + n]
+
+
+def _step_counter(q: torch.Tensor, step) -> torch.Tensor:
+    """The step counter broadcast like ``q``; a Python int is added as a scalar, never copied
+    host-to-device (that copy would break CUDA-graph capture)."""
+    if isinstance(step, torch.Tensor):
+        return torch.zeros_like(q) + (step.to(device=q.device, dtype=torch.int64) & _M32)
+    return torch.zeros_like(q).add_(int(step) & _M32)
 
 
 def global_indices(shape, index_offset: int, device) -> torch.Tensor:

@@ -31,6 +31,8 @@ if triton is not None:
 if triton is not None:
     import triton.language as tl
 
+    NAN = tl.constexpr(tl.PropagateNan.ALL)
+
 COLUMNS = _ext.C.COLUMNS
 NCOL = _ext.C.NCOL
 COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -103,9 +105,11 @@ if triton is not None:
 
         if THRESH:
             s = tl.load(thr_ptr + local // per_sample, mask=mask, other=1.0).to(tl.float32)
-            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+            x0 = tl.minimum(tl.maximum(x0, -s, propagate_nan=NAN), s, propagate_nan=NAN) / s
         elif CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+            # propagate_nan: a NaN from the model must stay NaN (as torch.clamp keeps it), not
+            # come out as -clip_range.
+            x0 = tl.minimum(tl.maximum(x0, -clip_range, propagate_nan=NAN), clip_range, propagate_nan=NAN)
         if RECOMPUTE_EPS:
             eps = (x - a_t * x0) / sig_t
 
@@ -127,8 +131,9 @@ if triton is not None:
                     c_cov = tl.load(row + 6)
                     cov_scale = tl.load(row + 7)
                     var_max = tl.load(row + 10)
-                    sigma0 = tl.minimum(tl.maximum(cov_scale * (1.0 + aux), 0.0), cov_max)
-                    var = tl.minimum(std * std + c_cov * c_cov * sigma0, var_max)
+                    sigma0 = tl.minimum(tl.maximum(cov_scale * (1.0 + aux), 0.0, propagate_nan=NAN), cov_max,
+                                        propagate_nan=NAN)
+                    var = tl.minimum(std * std + c_cov * c_cov * sigma0, var_max, propagate_nan=NAN)
                     noise_std = tl.sqrt(var)
                 elif VAR_MODE == 2:  # learned_range: interpolate log-variance between the bounds
                     lo = tl.load(row + 8)
@@ -300,7 +305,10 @@ def vp_step(
     block, warps = _launch_config(n)
     dummy = x  # never dereferenced: the flags keep the kernel from touching it
     grid = (triton.cdiv(n + shift, block),)
-    table_f32 = table if table.dtype == torch.float32 else table.float()
+    # The kernel indexes the table and the thresholds as dense arrays: make sure they are.
+    table_f32 = table.float().contiguous()
+    if thresholds is not None:
+        thresholds = thresholds.float().contiguous()
     _vp_step_kernel[grid](
         x, model_output, aux if aux is not None else dummy, noise if noise is not None else dummy,
         thresholds if thresholds is not None else dummy, out, x0_out if x0_out is not None else dummy,
