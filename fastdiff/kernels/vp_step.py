@@ -162,6 +162,21 @@ def _canonical_dims(shape):
     return (1,) * (4 - len(shape)) + tuple(shape)
 
 
+def _dense_same_layout(tensors, shape, n) -> bool:
+    """Every tensor has the first one's strides, those strides tile a dense, non-overlapping block
+    of memory, and dim 0 is outermost (so storage index // per_sample is still the sample)."""
+    present = [t for t in tensors if t is not None]
+    ref = present[0].stride()
+    if any(t.stride() != ref for t in present):
+        return False
+    expected = 1
+    for st, sz in sorted((st, sz) for st, sz in zip(ref, shape) if sz != 1):
+        if st != expected:
+            return False
+        expected *= sz
+    return len(shape) == 0 or shape[0] <= 1 or ref[0] == n // shape[0]
+
+
 def _strides4(t: torch.Tensor):
     st = tuple(t.stride())
     return (0,) * (4 - len(st)) + st
@@ -280,6 +295,11 @@ def vp_step(
     tensors = [x, model_output, aux, noise, out, x0_out]
     dims = _canonical_dims(shape)
     strided = any(t is not None and not t.is_contiguous() for t in tensors)
+    if strided and seed is None and _dense_same_layout(tensors, shape, n):
+        # e.g. everything channels_last: an elementwise update may walk memory in storage order,
+        # without the per-element index arithmetic (64-bit div/mod) of the strided path. Not
+        # with in-kernel noise, which is keyed by the logical row-major index.
+        strided = False
     if strided and dims is None:
         # More than 4 dimensions and not contiguous: gather into contiguous copies.
         x, model_output = x.contiguous(), model_output.contiguous()
