@@ -1,6 +1,7 @@
 """The fused VP step kernel (through Triton's interpreter on CPU) vs its torch reference vs an
 independent float64 computation of DESIGN.md's formulas, written here from alpha_bar alone."""
 import math
+import types
 
 import numpy as np
 import pytest
@@ -432,3 +433,24 @@ def test_channels_last_everywhere_takes_the_storage_order_path(dtype, monkeypatc
     a = vp_step(cl[0], cl[1], table, torch.tensor([4]), seed=seed, backend="triton")
     b = vp_step(x, m, table, torch.tensor([4]), seed=seed, backend="triton")
     assert torch.equal(a.contiguous(), b)
+
+
+def test_strided_index_math_int32_and_int64_agree(monkeypatch):
+    """The strided path does its index arithmetic in int32 when every offset fits, else int64."""
+    from fastdiff.kernels import vp_step as mod
+    gen = torch.Generator().manual_seed(17)
+    x = _noncontig(rand((3, 4, 5, 7), torch.float32, gen), "transpose")
+    m = _noncontig(rand((3, 4, 5, 7), torch.float32, gen), "slice")
+    table = table_for("ddim", 0.5)
+    seed = torch.tensor([5])
+    assert mod._fits_int32([x, m], x.numel() + 64)
+    assert not mod._fits_int32([x], 2**31)
+    huge = types.SimpleNamespace(shape=(2, 3), stride=lambda: (2**31, 1))  # offsets past int32
+    assert not mod._fits_int32([huge], 10)
+    a = vp_step(x, m, table, torch.tensor([3]), seed=seed, backend="triton")
+    monkeypatch.setattr(mod, "_fits_int32", lambda tensors, bound: False)
+    b = vp_step(x, m, table, torch.tensor([3]), seed=seed, backend="triton")
+    assert torch.equal(a, b)
+    want, _ = f64_step(x.contiguous(), m.contiguous(), 3, kind="ddim", eta=0.5,
+                       z=philox.normals_torch(seed, philox.global_indices(x.shape, 0, "cpu"), 3, 0))
+    assert rel_err(a, want) < 2e-5

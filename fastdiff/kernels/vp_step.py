@@ -48,7 +48,11 @@ if triton is not None:
     @triton.jit
     def _offsets(local, D1, D2, D3, s0, s1, s2, s3, STRIDED: tl.constexpr):
         # Logical row-major index -> memory offset of a (rank <= 4) strided tensor.
-        if STRIDED:
+        # STRIDED: 0 dense (the index is the offset), 1 strided in int64, 2 strided in int32 (the
+        # launcher checked every offset fits; 64-bit div/mod costs several times the 32-bit ones).
+        if STRIDED != 0:
+            if STRIDED == 2:
+                local = local.to(tl.int32)
             i3 = local % D3
             r = local // D3
             i2 = r % D2
@@ -175,6 +179,16 @@ def _dense_same_layout(tensors, shape, n) -> bool:
             return False
         expected *= sz
     return len(shape) == 0 or shape[0] <= 1 or ref[0] == n // shape[0]
+
+
+def _fits_int32(tensors, index_bound: int) -> bool:
+    """Logical indices below ``index_bound`` and every tensor's largest element offset fit int32."""
+    if index_bound >= 2**31:
+        return False
+    for t in tensors:
+        if t is not None and sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride())) >= 2**31:
+            return False
+    return True
 
 
 def _strides4(t: torch.Tensor):
@@ -339,7 +353,8 @@ def vp_step(
         PRED=PREDICTIONS[prediction_type], CLIP=clip_range is not None, THRESH=thresholds is not None,
         RECOMPUTE_EPS=bool(recompute_eps),
         NOISE=1 if noise is not None else (2 if seed is not None else 0),
-        VAR_MODE=VAR_MODES[var_mode], WRITE_X0=x0_out is not None, STRIDED=strided,
+        VAR_MODE=VAR_MODES[var_mode], WRITE_X0=x0_out is not None,
+        STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
         NCOL=NCOL, BLOCK=block, SHIFT=shift, num_warps=warps,
     )
     return out
