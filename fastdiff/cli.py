@@ -37,6 +37,15 @@ def _sample(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
+    if args.backend is not None:
+        from .backend import resolve
+        try:
+            resolve(args.backend, device)
+        except RuntimeError as exc:  # the backend cannot run here: a usage error, not a crash
+            raise _UsageError(str(exc)) from None
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):  # checked before sampling, not after
+        raise _UsageError(f"--out {args.out}: the directory {out_dir} does not exist")
     t0 = time.perf_counter()
     x = demo.sample(args.sampler, args.steps, args.n, seed=args.seed, eta=args.eta, device=device,
                     backend=args.backend)
@@ -44,9 +53,6 @@ def _sample(args) -> int:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     grid = demo.image_grid(x, nrow=args.nrow, scale=args.scale)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise _UsageError(f"--out {args.out}: the directory {out_dir} does not exist")
     demo.write_png(args.out, grid)
     print(f"wrote {args.out}: {args.n} samples, sampler {args.sampler}, {args.steps} steps, seed {args.seed}, "
           f"{grid.shape[1]}x{grid.shape[0]} px ({elapsed:.2f} s on {device})")
@@ -285,7 +291,8 @@ def main(argv=None) -> int:
         parser.error(f"--out must name a .png file, got {args.out!r}")
     try:
         return args.func(args)
-    except (_UsageError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (_UsageError, ValueError, FileNotFoundError) as exc:
+        # Usage errors only: a real failure (e.g. CUDA out of memory) keeps its traceback.
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
 
 

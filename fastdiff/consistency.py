@@ -108,8 +108,14 @@ class ConsistencyDistillation(_Trainer):
         alpha, sigma = g.alpha[n], g.sigma[n]
         x_t = _bc(alpha, x0) * x0 + _bc(sigma, x0) * self.randn_like(x0)
         with torch.no_grad():
+            # The teacher integrates the ODE: evaluation mode (no dropout / batch-norm updates).
+            was_training = isinstance(self.teacher, nn.Module) and self.teacher.training
+            if was_training:
+                self.teacher.eval()
             x_s, _ = ddim_step(x_t, self.teacher(x_t, g.t[n]), alpha, sigma, g.alpha[n + 1], g.sigma[n + 1],
                                self.teacher_prediction_type)
+            if was_training:
+                self.teacher.train()
             # Successor n + 1 == grid_steps is the data: the target is x_hat_s itself (f(x, 0) = x).
             # The target network is evaluated at a valid timestep for every row and then masked,
             # so the batch needs no host-side split.

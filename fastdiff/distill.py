@@ -244,7 +244,8 @@ class _Trainer:
         self._load_extra_state(state)
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+        # torch.load(map_location=cuda) moves the saved state to the GPU; set_state wants a CPU ByteTensor.
+        self.generator.set_state(state["generator"].cpu())
         self.history = list(state["history"])
 
     def save(self, path: str) -> None:

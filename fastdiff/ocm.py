@@ -88,7 +88,9 @@ class _OCMMixin:
             output, h = model(x, t), self.head(x, t)
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"the covariance head must return a tensor, got {type(h).__name__}")
-        return output, (h if h.dtype == x.dtype else h.to(x.dtype))
+        # h goes to the kernel in float32 whatever x's dtype: Sigma0 = (sigma^2/ab)(1 + h) multiplies
+        # the rounding of h by sigma^2/ab (~2.5e4 at t = 999), so a bf16 h would lose Sigma0 there.
+        return output, (h if h.dtype == torch.float32 else h.float())
 
     def _step(self, x, model_output, aux, table, step, seed, sample_offset):
         thresholds = self._thresholds(x, model_output, table, step) if self.thresholding else None
@@ -161,7 +163,7 @@ def _eps_from_output(output, x_t, sqrt_ab, sigma, prediction_type):
 def _coeffs(schedule: Schedule, t, x_t):
     """sqrt(ab_t), sigma_t as [B, 1, ...] tensors in x_t's dtype (a device gather, no sync)."""
     idx = torch.as_tensor(t, device=x_t.device).reshape(-1).long()
-    ab = schedule.alphas_cumprod.to(x_t.device).index_select(0, idx)
+    ab = schedule.alphas_cumprod_on(x_t.device).index_select(0, idx)
     ab = ab.expand(x_t.shape[0]) if ab.numel() == 1 else ab
     ab = ab.to(x_t.dtype).reshape((-1,) + (1,) * (x_t.dim() - 1))
     return ab.sqrt(), (1.0 - ab).sqrt()
@@ -178,9 +180,11 @@ def ocm_target(eps_model, x_t: torch.Tensor, t, schedule=None, *, prediction_typ
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
     schedule = Schedule.coerce(schedule)
-    sqrt_ab, sigma = _coeffs(schedule, t, x_t)
-    with torch.enable_grad():
-        x = x_t.detach().requires_grad_(True)
+    # inference_mode(False): a sampler run under torch.inference_mode() hands us inference tensors,
+    # which enable_grad alone cannot differentiate through; everything the graph saves is made here.
+    with torch.inference_mode(False), torch.enable_grad():
+        sqrt_ab, sigma = (c.clone() for c in _coeffs(schedule, t, x_t))
+        x = x_t.detach().clone().requires_grad_(True)
         t_dev = torch.as_tensor(t, device=x_t.device)
         t_dev = t_dev.expand(x.shape[0]) if t_dev.dim() == 0 else t_dev
         eps = _eps_from_output(eps_model(x, t_dev), x, sqrt_ab, sigma, prediction_type)
@@ -205,7 +209,10 @@ def ocm_loss(h_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class ProbeHead:
     """The training-free head: at each call, h is estimated from the eps model itself by
     ``probes`` Rademacher probes (``ocm_target``). Costs one forward and ``probes`` backward
-    passes of the model per step, on top of the sampler's own forward pass."""
+    passes of the model per step, on top of the sampler's own forward pass. The probes come from
+    one generator per device seeded once with ``seed``: a reused ProbeHead continues that stream,
+    so two runs with the same sampler seed differ slightly; make a new ProbeHead per run (or call
+    ``reset()``) to repeat a run exactly."""
 
     def __init__(self, eps_model, schedule=None, probes: int = 8, *, prediction_type: str = "epsilon",
                  seed: int = 0):
@@ -215,12 +222,16 @@ class ProbeHead:
         self.prediction_type, self.seed = prediction_type, int(seed)
         self._generators = {}
 
+    def reset(self) -> None:
+        """Restart the probe stream from ``seed``."""
+        self._generators.clear()
+
     def __call__(self, x_t, t):
         gen = self._generators.get(x_t.device)
         if gen is None:
             gen = self._generators[x_t.device] = torch.Generator(device=x_t.device).manual_seed(self.seed)
         return ocm_target(self.eps_model, x_t, t, self.schedule, prediction_type=self.prediction_type,
-                          probes=self.probes, generator=gen).to(x_t.dtype)
+                          probes=self.probes, generator=gen).float()
 
 
 class MLPHead(torch.nn.Module):

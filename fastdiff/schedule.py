@@ -50,6 +50,15 @@ class Schedule:
         self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
         self.betas = torch.from_numpy(np.asarray(betas))
         self.alphas_cumprod = torch.from_numpy(C.alphas_cumprod(betas))
+        self._on_device: dict = {}
+
+    def alphas_cumprod_on(self, device) -> torch.Tensor:
+        """alpha_bar (float64) on ``device``, copied once and cached: per-step gathers from it then
+        need no host-to-device copy (a blocking copy syncs the stream and breaks graph capture)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
 
     @classmethod
     def coerce(cls, schedule) -> "Schedule":

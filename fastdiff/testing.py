@@ -134,14 +134,23 @@ class GaussianMixture:
         if alpha_bar is not None:
             if t is not None:
                 raise ValueError("give t (discrete timesteps) or alpha_bar, not both")
+            if not isinstance(alpha_bar, torch.Tensor) or alpha_bar.device.type == "cpu":
+                host = torch.as_tensor(alpha_bar, dtype=torch.float64)  # checkable without a device sync
+                if not bool(((host >= 0) & (host <= 1)).all()):
+                    raise ValueError(f"alpha_bar must lie in [0, 1], got {host.reshape(-1)[:8].tolist()}")
             ab = torch.as_tensor(alpha_bar, dtype=self.dtype, device=device).reshape(-1)
         else:
             if t is None:
                 raise ValueError("t (discrete timesteps) or alpha_bar is required")
+            on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
             t = torch.as_tensor(t, device=device)
             if t.is_floating_point() or t.is_complex():
                 raise TypeError(f"t must hold integer timesteps indexing schedule.alphas_cumprod, got {t.dtype}; "
                                 "pass alpha_bar= for continuous time")
+            n_train = self.schedule.num_train_timesteps
+            if on_host and t.numel() and not bool(((t >= 0) & (t < n_train)).all()):  # CPU values: no sync
+                raise ValueError(f"t must lie in [0, num_train_timesteps={n_train}), got "
+                                 f"{t.reshape(-1)[:8].tolist()}")
             ab = self._params(device)[3].index_select(0, t.reshape(-1).long())
         if ab.numel() == 1:
             ab = ab.expand(batch)

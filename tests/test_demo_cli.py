@@ -195,3 +195,21 @@ def test_bench_full_outside_a_checkout_says_why(monkeypatch, capsys):
         cli.main(["bench", "--full"])
     assert exc.value.code == 2
     assert "runs benchmarks/bench_step.py from the fastdiff source tree" in capsys.readouterr().err
+
+
+def test_usage_errors_are_found_before_sampling(monkeypatch, capsys):
+    """A bad --out directory or an unusable --backend is reported before any sampling work, as
+    a usage error (exit 2), not a traceback."""
+    from fastdiff import backend, demo
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before checking the arguments")
+
+    monkeypatch.setattr(demo, "sample", no_sampling)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "--out", "/nonexistent-dir/x.png", "--steps", "1000"])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "--device", "cpu", "--backend", "triton"])
+    assert exc.value.code == 2 and "needs CUDA tensors" in capsys.readouterr().err

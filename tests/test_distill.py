@@ -222,3 +222,16 @@ def test_student_copied_from_a_frozen_teacher_trains_and_the_teacher_stays():
     pd.fit(torch.randn(32, 2))
     assert any(not torch.equal(a, b) for a, b in zip(pd.student.parameters(), before))
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), before))
+
+
+def test_loss_weightings_by_hand():
+    """max(SNR, 1), SNR + 1 and 1 at a high-SNR and a low-SNR point (Salimans & Ho, 2022, sec. 4)."""
+    from fastdiff.distill import loss_weight
+    alpha = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    sigma = (1 - alpha ** 2).sqrt()
+    snr = alpha ** 2 / sigma ** 2  # 4.263..., 0.0416...
+    torch.testing.assert_close(loss_weight(alpha, sigma, "truncated_snr"), torch.stack([snr[0], torch.tensor(1.0, dtype=torch.float64)]))
+    torch.testing.assert_close(loss_weight(alpha, sigma, "snr+1"), snr + 1)
+    torch.testing.assert_close(loss_weight(alpha, sigma, "uniform"), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        loss_weight(alpha, sigma, "snr")

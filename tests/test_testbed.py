@@ -196,3 +196,14 @@ def test_metrics_against_closed_forms():
     gm = GaussianMixture([0.25, 0.75], [[-5.0], [5.0]], 0.1)
     x = torch.cat([torch.full((50, 1), -5.0), torch.full((50, 1), 5.0)]).double()
     assert abs(mode_weight_error(gm, x) - 0.25) < 1e-12
+
+
+def test_out_of_range_time_is_a_clear_error():
+    gm = GaussianMixture.random(3, 2, seed=0)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, num_train_timesteps=1000\)"):
+        gm.eps(x, 1000)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, num_train_timesteps=1000\)"):
+        gm.eps(x, torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match=r"alpha_bar must lie in \[0, 1\]"):
+        gm.eps(x, alpha_bar=1.5)
