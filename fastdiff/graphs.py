@@ -90,7 +90,8 @@ def _value_key(v):
     if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() <= 1 << 16:
         return _array_key(v.detach().contiguous().numpy())
     if isinstance(v, Schedule):
-        return ("Schedule",) + tuple((k, _value_key(x)) for k, x in sorted(vars(v).items()))
+        # public attributes only: the private device caches do not change the schedule
+        return ("Schedule",) + tuple((k, _value_key(x)) for k, x in sorted(vars(v).items()) if not k.startswith("_"))
     if isinstance(v, (tuple, list)):
         return (type(v).__name__,) + tuple(_value_key(x) for x in v)
     if isinstance(v, dict):

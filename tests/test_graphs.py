@@ -453,3 +453,12 @@ def test_gpu_host_sync_in_model_fails_with_a_clear_error():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "CLEAR-ERROR" in res.stdout and "EAGER-OK (2, 8)" in res.stdout, res.stdout + res.stderr[-3000:]
+
+
+def test_schedule_device_cache_does_not_change_the_key():
+    from fastdiff.graphs import sampler_fingerprint
+    sched = fastdiff.Schedule()
+    a = sampler_fingerprint(fastdiff.DDIMSampler(sched, steps=5))
+    sched.alphas_cumprod_on("cpu")
+    b = sampler_fingerprint(fastdiff.DDIMSampler(sched, steps=5))
+    assert a == b
