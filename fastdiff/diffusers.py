@@ -67,6 +67,14 @@ def _indexed(device) -> torch.device:
     return device
 
 
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    """The tensor's in-place version counter (shared by its views); None for inference tensors."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class _State:
     """fastdiff's per-scheduler state, kept out of diffusers' attribute namespace."""
 
@@ -75,6 +83,8 @@ class _State:
         self.host_ts: Optional[np.ndarray] = None    # host copy of the timesteps set_timesteps made
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
+        self.ts_version: Optional[int] = None        # ts_obj._version when host_ts was read
+        self.ts_own = False                          # ts_obj is the dense tensor set_timesteps made
         self.tables: dict = {}                       # (key, device, dtype) -> device table
         self.aranges: dict = {}                      # device -> arange(N) int64 (row ids for host timesteps)
         self.seed: Optional[int] = None              # Philox seed when set_noise_seed was called
@@ -169,6 +179,8 @@ class _FastStepMixin:
         st.ts_key = hash(st.host_ts.tobytes())
         self.timesteps = torch.from_numpy(st.host_ts.copy()).to(device)
         st.ts_obj = self.timesteps
+        st.ts_version = _version_of(self.timesteps)
+        st.ts_own = True
 
     def _known_timestep(self, timestep) -> Optional[int]:
         """The timestep as a Python int when that costs no device sync, else None.
@@ -189,10 +201,13 @@ class _FastStepMixin:
             return int(timestep)  # a CPU read: nothing to wait for on a device
         st = self._fd
         ts = st.ts_obj
-        if (ts is not None and self.__dict__.get("timesteps") is ts and ts.device == timestep.device
-                and ts.dtype == timestep.dtype
+        # Only our own dense tensor, unchanged since host_ts was read (an in-place edit bumps the
+        # version counter its views share): otherwise a storage offset could name the wrong step.
+        if (ts is not None and st.ts_own and self.__dict__.get("timesteps") is ts
+                and _version_of(ts) == st.ts_version and ts.dim() == 1 and ts.stride(0) == 1
+                and ts.device == timestep.device and ts.dtype == timestep.dtype
                 and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset()
+            i = timestep.storage_offset() - ts.storage_offset()
             if 0 <= i < len(st.host_ts):
                 return int(st.host_ts[i])
         return None
@@ -432,32 +447,40 @@ class DDPMScheduler(_FastStepMixin, _DiffusersDDPMScheduler):
         """The host timesteps the previous-timestep rule reads (all of them before set_timesteps)."""
         st = self._fd
         ts = self.__dict__.get("timesteps")
-        if st.ts_obj is None or ts is not st.ts_obj:
-            # Never set by set_timesteps (diffusers' initial arange) or replaced by the caller:
-            # read it once (a sync if it lives on a GPU; outside any loop in normal use).
-            st.host_ts = np.asarray(ts.detach().cpu().numpy(), dtype=np.int64)
-            st.ts_key = hash(st.host_ts.tobytes())
-            st.ts_obj = ts
+        if st.ts_obj is None or ts is not st.ts_obj or _version_of(ts) != st.ts_version:
+            # Never set by set_timesteps (diffusers' initial arange), replaced by the caller, or
+            # edited in place: read it once (a sync if it lives on a GPU; outside any loop in
+            # normal use).
+            host = np.asarray(ts.detach().cpu().numpy(), dtype=np.int64)
+            st.ts_own = st.ts_own and ts is st.ts_obj  # a caller's tensor: no storage-offset reads
+            st.host_ts, st.ts_key, st.ts_obj = host, hash(host.tobytes()), ts
+            st.ts_version = _version_of(ts)
         return st.host_ts
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         ts = self._schedule_ts()
         n = int(self.config.num_train_timesteps)
         variance_type = str(self.variance_type)
+        # diffusers' previous_timestep follows the list only after set_timesteps (or custom ones)
+        use_list = bool(getattr(self, "custom_timesteps", False) or getattr(self, "num_inference_steps", None))
 
         def build():
             # diffusers' previous_timestep: the next timestep of the list (-1 after the last); before
             # set_timesteps the list is every timestep, which makes it t - 1. Rows for timesteps
             # outside the list (diffusers fails on those) step to the next listed one below.
-            asc = np.sort(ts)
             t = np.arange(n, dtype=np.int64)
-            j = np.searchsorted(asc, t, side="left") - 1
-            prev = np.where(j >= 0, asc[np.maximum(j, 0)], -1).astype(np.int64)
+            if use_list:
+                asc = np.sort(ts)
+                j = np.searchsorted(asc, t, side="left") - 1
+                prev = np.where(j >= 0, asc[np.maximum(j, 0)], -1).astype(np.int64)
+            else:  # diffusers steps t -> t - 1 until set_timesteps (whatever .timesteps holds)
+                prev = t - 1
             # fixed_large_log: diffusers takes sqrt(log(beta)) = NaN; the table gives what the name
             # means (GLIDE's max_log: log-variance log(beta), variance beta), i.e. fixed_large.
             return C.ddpm_table(self._alphas_cumprod64(), t, prev, variance_type, 1.0, "t_zero")
 
-        return self._device_table(("ddpm", n, self._fd.ts_key, variance_type), device, dtype, build)
+        return self._device_table(("ddpm", n, self._fd.ts_key if use_list else None, variance_type), device, dtype,
+                                  build)
 
     def step(
         self,

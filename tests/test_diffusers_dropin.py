@@ -174,7 +174,6 @@ def run_loop(kind, cfg, *, steps=6, dtype=torch.float32, eta=0.0, use_clipped=Fa
             e_fast, e_ref = err(fv, ov, scale), err(rv, ov, scale)
             assert torch.isfinite(fv).all(), f"{name} not finite: {where}"
             assert e_fast <= tol, f"{name}: fastdiff vs float64 {e_fast:.3g} > {tol:.3g}: {where}"
-            assert err(fv, rv, scale) <= e_ref + tol, f"{name}: fastdiff vs diffusers: {where}"
             if dtype == torch.float32:  # the oracle is right: diffusers itself agrees with it.
                 # Its bound is wider: it computes beta_ts = 1 - ab_t/ab_s in float32, which cancels
                 # at small t (beta ~ 1e-4 keeps ~10 good bits; 3.4e-5 measured at t = 3), where
@@ -244,7 +243,8 @@ def test_ddpm_custom_timesteps_and_no_set_timesteps():
     run_loop("ddpm", full_config("ddpm", variance_type="fixed_large"), custom=[937, 500, 499, 120, 3, 0])
     # Before set_timesteps diffusers' DDPM steps t -> t - 1 over all timesteps.
     ref, fast = make_pair("ddpm", full_config("ddpm"))
-    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    gen = torch.Generator().manual_seed(1234)  # fixed data: diffusers' own error at t = 1 varies by draw
+    x, m = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
     cfg = full_config("ddpm")
     for t in (999, 500, 1):
         g1, g2 = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
@@ -607,3 +607,49 @@ def test_gpu_timestep_not_from_scheduler(kind):
         b = fast.step(m, t.clone(), x, variance_noise=z, **kw).prev_sample
         # Equal up to how the compiler contracts the final noise term (std = 0 at t = 0).
         assert err(a.cpu(), b.cpu(), 1.0) <= 1e-6
+
+
+
+def test_timesteps_edited_or_reassigned_by_the_caller():
+    """In-place edits and reassigned lists are re-read (not served from a stale host copy), and
+    DDPM before set_timesteps steps t -> t - 1 whatever .timesteps holds, as diffusers does."""
+    cfg = full_config("ddpm")
+    gen = torch.Generator().manual_seed(7)
+    x, m = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    ref, fast = make_pair("ddpm", cfg)
+    for s in (ref, fast):
+        s.set_timesteps(10)
+        s.timesteps += 1  # e.g. a caller shifting the schedule in place
+    t = int(ref.timesteps[0])
+    r = ref.step(m, t, x, generator=torch.Generator().manual_seed(0))
+    f = fast.step(m, t, x, generator=torch.Generator().manual_seed(0))
+    o, _ = oracle("ddpm", cfg, ref.alphas_cumprod, t, int(ref.timesteps[1]), x, m,
+                  randn_tensor(x.shape, generator=torch.Generator().manual_seed(0)))
+    assert err(f.prev_sample, o, 1.0) <= FP32_TOL and err(r.prev_sample, o, 1.0) <= 2e-4
+    ref, fast = make_pair("ddpm", cfg)
+    for s in (ref, fast):
+        s.timesteps = torch.tensor([999, 500, 0])  # assigned, not via set_timesteps
+    r = ref.step(m, 999, x, generator=torch.Generator().manual_seed(1))
+    f = fast.step(m, 999, x, generator=torch.Generator().manual_seed(1))
+    assert fast.previous_timestep(999) == ref.previous_timestep(999) == 998
+    assert err(f.prev_sample, r.prev_sample, 1.0) <= 2e-4
+
+
+def test_storage_offset_shortcut_never_names_the_wrong_timestep():
+    """On a GPU the timestep of `for t in scheduler.timesteps` is read from its storage offset
+    (host metadata, no sync). Meta tensors stand in for CUDA here: same metadata, no data. A
+    reassigned view or an in-place edit must not be read through a stale or shifted offset."""
+    from fastdiff.diffusers import DDPMScheduler as FastDDPM
+    fast = FastDDPM(**full_config("ddpm"))
+    fast.set_timesteps(10)
+    host = fast.timesteps.clone()
+    fast.timesteps = fast.timesteps.to("meta")
+    fast._record_timesteps(host.numpy(), "meta")  # as set_timesteps(device=meta) records them
+    ts = fast.timesteps
+    assert [fast._known_timestep(ts[i]) for i in range(10)] == host.tolist()
+    fast.timesteps = ts[3:]  # SDEdit-style reassignment of a view
+    got = [fast._known_timestep(t) for t in fast.timesteps]
+    assert all(g is None or g == int(w) for g, w in zip(got, host[3:])), got
+    fast._record_timesteps(host.numpy(), "meta")
+    fast.timesteps.add_(1)  # in place: the host copy is stale now
+    assert all(fast._known_timestep(t) is None for t in fast.timesteps)

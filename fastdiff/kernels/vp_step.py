@@ -435,7 +435,9 @@ def dynamic_thresholds(x, model_output, table, step, prediction_type="epsilon", 
 
     This is the one extra pass a thresholded step makes (the quantile needs all of x0_hat
     before any element can be updated); the update itself stays one fused launch."""
-    _, x0 = vp_step_reference(x, model_output, table.float(), step, prediction_type=prediction_type)
-    flat = x0.float().reshape(x0.shape[0], -1).abs()
+    wide = table.dtype == torch.float64 and x.dtype == torch.float64  # float64 samples stay float64
+    _, x0 = vp_step_reference(x, model_output, table if wide else table.float(), step,
+                              prediction_type=prediction_type)
+    flat = (x0 if wide else x0.float()).reshape(x0.shape[0], -1).abs()
     s = torch.quantile(flat, ratio, dim=1)
     return s.clamp(min=1.0, max=max_value)
