@@ -31,6 +31,7 @@ float32 and rounded once, where diffusers rounds after every operation.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -67,6 +68,10 @@ def _indexed(device) -> torch.device:
     return device
 
 
+# Tables kept per scheduler (one per step count / eta / timestep list, device and dtype; 64 KB each).
+_MAX_TABLES = 32
+
+
 def _version_of(t: torch.Tensor) -> Optional[int]:
     """The tensor's in-place version counter (shared by its views); None for inference tensors."""
     try:
@@ -85,7 +90,7 @@ class _State:
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
         self.ts_version: Optional[int] = None        # ts_obj._version when host_ts was read
         self.ts_own = False                          # ts_obj is the dense tensor set_timesteps made
-        self.tables: dict = {}                       # (key, device, dtype) -> device table
+        self.tables: "OrderedDict" = OrderedDict()   # (key, device, dtype) -> device table, LRU
         self.aranges: dict = {}                      # device -> arange(N) int64 (row ids for host timesteps)
         self.seed: Optional[int] = None              # Philox seed when set_noise_seed was called
         self.seed_tensors: dict = {}                 # device -> one-element int64 seed tensor
@@ -233,7 +238,9 @@ class _FastStepMixin:
         st = self._fd
         full_key = (key, device, dtype)
         table = st.tables.get(full_key)
-        if table is None:
+        if table is not None:
+            st.tables.move_to_end(full_key)
+        else:
             host = torch.from_numpy(build())
             if dtype != torch.float64:
                 host = host.to(dtype)
@@ -244,6 +251,8 @@ class _FastStepMixin:
             else:
                 table = host.to(device)
             st.tables[full_key] = table
+            while len(st.tables) > _MAX_TABLES:  # e.g. an eta that changes every call
+                st.tables.popitem(last=False)
         return table
 
     def _seed_tensor(self, device: torch.device) -> torch.Tensor:

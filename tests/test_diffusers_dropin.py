@@ -653,3 +653,13 @@ def test_storage_offset_shortcut_never_names_the_wrong_timestep():
     fast._record_timesteps(host.numpy(), "meta")
     fast.timesteps.add_(1)  # in place: the host copy is stale now
     assert all(fast._known_timestep(t) is None for t in fast.timesteps)
+
+
+def test_table_cache_is_bounded():
+    from fastdiff import diffusers as fd
+    ref, fast = make_pair("ddim", full_config("ddim"))
+    fast.set_timesteps(10)
+    x, m = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    for i in range(fd._MAX_TABLES + 10):  # an eta that changes every call
+        fast.step(m, int(fast.timesteps[2]), x, eta=0.01 * (i + 1), generator=torch.Generator().manual_seed(i))
+    assert len(fast._fd.tables) <= fd._MAX_TABLES
