@@ -208,7 +208,7 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
         return out
     block = _block_for(n)
     shift = index_offset % 4
-    grid = (triton.cdiv(n + shift, block),)
+    grid = (-(-(n + shift) // block),)  # plain ints: triton.cdiv is a jit function, ~4 us a call
     _randn_kernel[grid](out, seed_t, n, index_offset - shift, step, stream, BLOCK=block, SHIFT=shift)
     return out
 
@@ -217,5 +217,5 @@ def _block_for(n: int) -> int:
     from ..backend import interpreting
     if interpreting():
         # Each interpreted program costs ~10 ms whatever its size: use few, large ones.
-        return max(64, min(1 << 16, triton.next_power_of_2(n)))
+        return max(64, min(1 << 16, 1 << (n - 1).bit_length()))
     return 2048

@@ -338,7 +338,7 @@ def vp_step(
     shift = g0 % 4
     block, warps = _launch_config(n)
     dummy = x  # never dereferenced: the flags keep the kernel from touching it
-    grid = (triton.cdiv(n + shift, block),)
+    grid = (-(-(n + shift) // block),)  # plain ints: triton.cdiv is a jit function, ~4 us a call
     # The kernel indexes the table and the thresholds as dense arrays: make sure they are.
     table_f32 = table.float().contiguous()
     if thresholds is not None:
@@ -363,7 +363,7 @@ def vp_step(
 def _launch_config(n: int):
     if interpreting():
         # Each interpreted program costs ~10 ms whatever its size: few, large programs.
-        return max(64, min(1 << 16, triton.next_power_of_2(n))), 4
+        return max(64, min(1 << 16, 1 << (n - 1).bit_length())), 4
     # Elementwise and memory-bound: 2048 elements per program, 8 elements per thread at 8 warps
     # gives 16-byte fp16/bf16 and 32-byte fp32 accesses per thread.
     return 2048, 8
