@@ -53,3 +53,12 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     if device.type == "cuda" and triton_status()[0]:
         return "triton"
     return "torch"
+
+
+def canonical_device(device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: the key a tensor's own ``.device`` will have, so caches
+    keyed by device hit whichever spelling the caller used."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

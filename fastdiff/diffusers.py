@@ -52,20 +52,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         f"({type(exc).__name__}: {exc})") from exc
 
 from ._ext import C
-from .backend import resolve
+from .backend import canonical_device, resolve
 from .kernels.vp_step import dynamic_thresholds, vp_step, vp_step_reference
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput", "swap_scheduler"]
 
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
-
-
-def _indexed(device) -> torch.device:
-    """``cuda`` -> ``cuda:<current>``: the key a tensor's own ``.device`` will have."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 # Tables kept per scheduler (one per step count / eta / timestep list, device and dtype; 64 KB each).
@@ -360,7 +352,7 @@ class DDIMScheduler(_FastStepMixin, _DiffusersDDIMScheduler):
         self.num_inference_steps = int(num_inference_steps)
         self._record_timesteps(ts, device)
         if device is not None:
-            self._table(_indexed(device), torch.float32, 0.0)
+            self._table(canonical_device(device), torch.float32, 0.0)
 
     def _table(self, device: torch.device, dtype: torch.dtype, eta: float) -> torch.Tensor:
         n, k = int(self.config.num_train_timesteps), int(self.num_inference_steps)
@@ -450,7 +442,7 @@ class DDPMScheduler(_FastStepMixin, _DiffusersDDPMScheduler):
             ts = C.make_timesteps(n, int(num_inference_steps), str(cfg.timestep_spacing), int(cfg.steps_offset))
         self._record_timesteps(ts, device)
         if device is not None:
-            self._table(_indexed(device), torch.float32)
+            self._table(canonical_device(device), torch.float32)
 
     def _schedule_ts(self) -> np.ndarray:
         """The host timesteps the previous-timestep rule reads (all of them before set_timesteps)."""

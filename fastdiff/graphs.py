@@ -156,13 +156,6 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _normalize_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 # -- capture (module functions so that tests without a GPU can stand in for them) -----------------
 
 def _graphs_available(device: torch.device) -> bool:
@@ -247,7 +240,7 @@ class GraphCache:
     def key(self, sampler: Sampler, model, shape: Sequence[int], dtype: torch.dtype, device,
             sample_offset: int = 0, given_x: bool = False) -> tuple:
         """The cache key of a call: no seed, no tensor values, nothing that changes per step."""
-        device = _normalize_device(device)
+        device = _backend.canonical_device(device)
         autocast = (torch.is_autocast_enabled(device.type),
                     torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
         return (tuple(int(s) for s in shape), dtype, device, int(sample_offset), bool(given_x),
@@ -297,7 +290,7 @@ class GraphCache:
             raise ValueError("progress and callback need the eager loop: a CUDA graph replays the recorded "
                              "kernels without running Python between steps; use cuda_graph=False")
         shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
-        device = _normalize_device(device)
+        device = _backend.canonical_device(device)
         if not _graphs_available(device):
             if not self._warned:
                 self._warned = True
