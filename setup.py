@@ -9,7 +9,8 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "fastdiff._C",
-        ["csrc/schedules.cpp"],
+        ["csrc/module.cpp", "csrc/schedules.cpp", "csrc/tables.cpp"],
+        depends=["csrc/columns.h", "csrc/common.h"],
         cxx_std=17,
         extra_compile_args=["-O2"],
     )

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     table, ts, ids = sampler.device_state(device)
     row = sampler.table[i]
     col = fastdiff.COLUMNS.index
-    a_t, s_t, c_x0, c_eps = (float(row[col(k)]) for k in ("sqrt_ab_t", "sigma_t", "c_x0", "c_eps"))
+    a_t, s_t, c_x0, c_eps = (float(row[col(k)]) for k in ("a_t", "b_t", "c_x0", "c_eps"))
     try:
         from diffusers import DDIMScheduler
         sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)

@@ -89,7 +89,7 @@ def run(sizes, dtypes, device, with_diffusers=True, min_time=0.2, out=sys.stdout
     step_id, pstep_id = ids[i], pids[i]
     seed = torch.tensor([0], device=device)
     tab64 = ddim.table[i]
-    a_t, s_t, c_x0, c_eps = (float(tab64[fastdiff.COLUMNS.index(k)]) for k in ("sqrt_ab_t", "sigma_t", "c_x0", "c_eps"))
+    a_t, s_t, c_x0, c_eps = (float(tab64[fastdiff.COLUMNS.index(k)]) for k in ("a_t", "b_t", "c_x0", "c_eps"))
     sched = None
     if with_diffusers:
         try:

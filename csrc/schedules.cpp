@@ -1,118 +1,12 @@
-// fastdiff._C: noise schedules and per-step coefficient tables, in float64.
-//
-// Everything here depends only on the schedule configuration and the step count, so it is
-// computed once on the host.  The module is plain pybind11 (no PyTorch headers): one build
-// works with every torch version.  Arrays cross the boundary as numpy float64 / int64.
+// fastdiff._C: noise schedules (betas, alpha_bar) and timestep selection, in float64.
 //
 // Notation (VP diffusion): x_t = sqrt(ab_t) x0 + sigma_t eps, sigma_t^2 = 1 - ab_t,
-// where ab is alpha_bar, the cumulative product of (1 - beta).  A step goes t -> s < t.
+// where ab is alpha_bar, the cumulative product of (1 - beta).
 
-#include <pybind11/pybind11.h>
-#include <pybind11/numpy.h>
-#include <pybind11/stl.h>
+#include "common.h"
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
-#include <sstream>
-#include <stdexcept>
-#include <string>
-#include <vector>
-
-namespace py = pybind11;
-
+namespace fastdiff {
 namespace {
-
-// Column layout of every coefficient table.  Python reads the names from COLUMNS, the
-// kernels use the indices; keep the two in sync through fastdiff/kernels/vp_step.py.
-enum Col : int {
-  SQRT_AB_T = 0,   // sqrt(ab_t)
-  SIGMA_T = 1,     // sigma_t = sqrt(1 - ab_t)
-  C_X0 = 2,        // coefficient of x0_hat in the update
-  C_EPS = 3,       // coefficient of eps_hat
-  C_XT = 4,        // coefficient of x_t
-  STD = 5,         // standard deviation of the injected noise (0 on noise-free steps)
-  C_COV = 6,       // OCM: d x_s / d x0_hat at fixed x_t, multiplies the posterior std
-  COV_SCALE = 7,   // OCM: sigma_t^2 / ab_t, Sigma0 = COV_SCALE * (1 + h)
-  LOG_VAR_MIN = 8, // learned_range: log of the fixed_small variance (clamped at 1e-20)
-  LOG_VAR_MAX = 9, // learned_range: log of beta_{t|s}
-  VAR_MAX = 10,    // cap on the total per-element variance (OCM variance clip), +inf if none
-  NOISE = 11,      // 1 where the OCM / learned variance modes inject noise, 0 where they do not
-  T = 12,          // the timestep t of this step
-  PREV_T = 13,     // the timestep s it steps to (-1 for the final step)
-  SQRT_AB_S = 14,  // sqrt(ab_s)
-  SIGMA_S = 15,    // sqrt(1 - ab_s)
-  NCOL = 16
-};
-
-const char* const kColumnNames[NCOL] = {
-    "sqrt_ab_t", "sigma_t", "c_x0",  "c_eps",     "c_xt", "std",  "c_cov",  "cov_scale",
-    "log_var_min", "log_var_max", "var_max", "noise", "t", "prev_t", "sqrt_ab_s", "sigma_s"};
-
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-
-std::string fmt(double v) {
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  return s.str();
-}
-
-std::vector<double> to_vec(const py::array_t<double, py::array::c_style | py::array::forcecast>& a,
-                           const char* what) {
-  if (a.ndim() != 1) value_error(std::string(what) + " must be one-dimensional, got " +
-                                 std::to_string(a.ndim()) + " dimensions");
-  return std::vector<double>(a.data(), a.data() + a.shape(0));
-}
-
-std::vector<int64_t> to_ivec(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& a,
-                             const char* what) {
-  if (a.ndim() != 1) value_error(std::string(what) + " must be one-dimensional, got " +
-                                 std::to_string(a.ndim()) + " dimensions");
-  return std::vector<int64_t>(a.data(), a.data() + a.shape(0));
-}
-
-py::array_t<double> from_vec(const std::vector<double>& v) {
-  py::array_t<double> out(static_cast<py::ssize_t>(v.size()));
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
-}
-
-py::array_t<int64_t> from_ivec(const std::vector<int64_t>& v) {
-  py::array_t<int64_t> out(static_cast<py::ssize_t>(v.size()));
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
-}
-
-void check_num_train(int64_t n) {
-  if (n < 1) value_error("num_train_timesteps must be >= 1, got " + std::to_string(n));
-}
-
-// np.linspace(start, stop, num): y_i = i * ((stop - start) / (num - 1)) + start, last = stop.
-std::vector<double> linspace(double start, double stop, int64_t num) {
-  std::vector<double> y(num);
-  if (num == 1) {
-    y[0] = start;
-    return y;
-  }
-  const double step = (stop - start) / static_cast<double>(num - 1);
-  for (int64_t i = 0; i < num; ++i) y[i] = static_cast<double>(i) * step + start;
-  y[num - 1] = stop;
-  return y;
-}
-
-void check_betas(const std::vector<double>& betas, bool allow_last_one) {
-  if (betas.empty()) value_error("betas must not be empty");
-  for (size_t i = 0; i < betas.size(); ++i) {
-    const double b = betas[i];
-    const bool last = i + 1 == betas.size();
-    const bool ok = std::isfinite(b) && b > 0.0 && (b < 1.0 || (allow_last_one && last && b == 1.0));
-    if (!ok)
-      value_error("every beta must lie in the open interval (0, 1), got betas[" + std::to_string(i) +
-                  "] = " + fmt(b));
-  }
-}
 
 // --- schedules ---------------------------------------------------------------------------
 
@@ -153,7 +47,7 @@ py::array_t<double> make_betas(const std::string& name, int64_t num_train_timest
   return from_vec(betas);
 }
 
-py::array_t<double> validate_betas(const py::array_t<double, py::array::c_style | py::array::forcecast>& b) {
+py::array_t<double> validate_betas(const DoubleArray& b) {
   auto betas = to_vec(b, "betas");
   check_betas(betas, false);
   return from_vec(betas);
@@ -162,7 +56,7 @@ py::array_t<double> validate_betas(const py::array_t<double, py::array::c_style 
 // Lin et al. (2024), "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1:
 // shift and scale sqrt(ab) so that its last value is exactly 0 and its first is unchanged.
 py::array_t<double> rescale_zero_terminal_snr(
-    const py::array_t<double, py::array::c_style | py::array::forcecast>& b) {
+    const DoubleArray& b) {
   auto betas = to_vec(b, "betas");
   check_betas(betas, false);
   const size_t n = betas.size();
@@ -185,7 +79,7 @@ py::array_t<double> rescale_zero_terminal_snr(
   return from_vec(out);
 }
 
-py::array_t<double> alphas_cumprod(const py::array_t<double, py::array::c_style | py::array::forcecast>& b) {
+py::array_t<double> alphas_cumprod(const DoubleArray& b) {
   auto betas = to_vec(b, "betas");
   check_betas(betas, true);
   std::vector<double> ab(betas.size());
@@ -251,183 +145,16 @@ void check_custom(const std::vector<int64_t>& ts, int64_t num_train_timesteps) {
 }
 
 py::array_t<int64_t> validate_timesteps(
-    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& t, int64_t num_train_timesteps) {
+    const IntArray& t, int64_t num_train_timesteps) {
   check_num_train(num_train_timesteps);
   auto ts = to_ivec(t, "timesteps");
   check_custom(ts, num_train_timesteps);
   return from_ivec(ts);
 }
 
-// --- coefficient tables ------------------------------------------------------------------
-
-struct StepAlphas {
-  double ab_t, ab_s;
-};
-
-struct TableInput {
-  std::vector<double> ab;
-  std::vector<int64_t> t, s;
-};
-
-TableInput table_input(const py::array_t<double, py::array::c_style | py::array::forcecast>& alphas_cumprod,
-                       const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& timesteps,
-                       const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& prev_timesteps,
-                       double final_alpha_cumprod) {
-  TableInput in{to_vec(alphas_cumprod, "alphas_cumprod"), to_ivec(timesteps, "timesteps"),
-                to_ivec(prev_timesteps, "prev_timesteps")};
-  const int64_t n = static_cast<int64_t>(in.ab.size());
-  if (n == 0) value_error("alphas_cumprod must not be empty");
-  for (int64_t i = 0; i < n; ++i)
-    if (!(in.ab[i] >= 0.0 && in.ab[i] <= 1.0))
-      value_error("alphas_cumprod must lie in [0, 1], got alphas_cumprod[" + std::to_string(i) + "] = " +
-                  fmt(in.ab[i]));
-  if (in.t.empty()) value_error("timesteps must not be empty");
-  if (in.t.size() != in.s.size())
-    value_error("timesteps and prev_timesteps must have the same length, got " + std::to_string(in.t.size()) +
-                " and " + std::to_string(in.s.size()));
-  for (size_t i = 0; i < in.t.size(); ++i) {
-    if (in.t[i] < 0 || in.t[i] >= n)
-      value_error("timesteps must lie in [0, " + std::to_string(n) + "), got timesteps[" + std::to_string(i) +
-                  "] = " + std::to_string(in.t[i]));
-    if (in.s[i] >= n)
-      value_error("prev_timesteps must be < " + std::to_string(n) + " (negative means the final step), got " +
-                  "prev_timesteps[" + std::to_string(i) + "] = " + std::to_string(in.s[i]));
-  }
-  if (!(final_alpha_cumprod > 0.0 && final_alpha_cumprod <= 1.0))
-    value_error("final_alpha_cumprod must lie in (0, 1], got " + fmt(final_alpha_cumprod));
-  return in;
-}
-
-StepAlphas alphas_at(const TableInput& in, size_t i, double final_ab) {
-  return {in.ab[in.t[i]], in.s[i] >= 0 ? in.ab[in.s[i]] : final_ab};
-}
-
-void fill_common(double* row, const TableInput& in, size_t i, const StepAlphas& a) {
-  row[SQRT_AB_T] = std::sqrt(a.ab_t);
-  row[SIGMA_T] = std::sqrt(1.0 - a.ab_t);
-  row[SQRT_AB_S] = std::sqrt(a.ab_s);
-  row[SIGMA_S] = std::sqrt(std::max(1.0 - a.ab_s, 0.0));
-  row[COV_SCALE] = a.ab_t > 0.0 ? (1.0 - a.ab_t) / a.ab_t : std::numeric_limits<double>::infinity();
-  row[VAR_MAX] = std::numeric_limits<double>::infinity();
-  row[T] = static_cast<double>(in.t[i]);
-  row[PREV_T] = static_cast<double>(in.s[i] >= 0 ? in.s[i] : -1);
-  // OCM: at fixed x_t, x_s moves with x0_hat by c_x0 - c_eps * sqrt(ab_t) / sigma_t (eps_hat is
-  // tied to x0_hat through x_t = sqrt(ab_t) x0 + sigma_t eps).
-  row[C_COV] = row[SIGMA_T] > 0.0 ? row[C_X0] - row[C_EPS] * row[SQRT_AB_T] / row[SIGMA_T] : row[C_X0];
-}
-
-py::array_t<double> new_table(size_t k) {
-  py::array_t<double> out({static_cast<py::ssize_t>(k), static_cast<py::ssize_t>(NCOL)});
-  std::fill(out.mutable_data(), out.mutable_data() + k * NCOL, 0.0);
-  return out;
-}
-
-// DDIM (Song et al., 2021), eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - lambda^2) eps + lambda z,
-// lambda^2 = eta^2 (1 - ab_s)/(1 - ab_t) (1 - ab_t/ab_s).
-py::array_t<double> ddim_table(const py::array_t<double, py::array::c_style | py::array::forcecast>& alphas_cumprod,
-                               const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& timesteps,
-                               const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& prev_timesteps,
-                               double eta, double final_alpha_cumprod) {
-  if (!(std::isfinite(eta) && eta >= 0.0)) value_error("eta must be a finite number >= 0, got " + fmt(eta));
-  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, final_alpha_cumprod);
-  auto out = new_table(in.t.size());
-  double* tab = out.mutable_data();
-  for (size_t i = 0; i < in.t.size(); ++i) {
-    const auto a = alphas_at(in, i, final_alpha_cumprod);
-    double* row = tab + i * NCOL;
-    const double beta_ts = 1.0 - a.ab_t / a.ab_s;
-    const double var = a.ab_t < 1.0 ? (1.0 - a.ab_s) / (1.0 - a.ab_t) * beta_ts : 0.0;
-    const double std_dev = eta * std::sqrt(std::max(var, 0.0));
-    row[C_X0] = std::sqrt(a.ab_s);
-    row[C_EPS] = std::sqrt(std::max(1.0 - a.ab_s - std_dev * std_dev, 0.0));
-    row[C_XT] = 0.0;
-    row[STD] = std_dev;
-    // NOISE gates the variance modes that add to the table std (OCM widens even eta = 0):
-    // every step but the final one.
-    row[NOISE] = in.s[i] >= 0 ? 1.0 : 0.0;
-    row[LOG_VAR_MIN] = std::log(std::max(var, 1e-20));
-    row[LOG_VAR_MAX] = std::log(std::max(beta_ts, 1e-20));
-    fill_common(row, in, i, a);
-  }
-  return out;
-}
-
-// DDPM ancestral step (Ho et al., 2020), posterior q(x_s | x_t, x0):
-// mean = sqrt(ab_s) beta_{t|s} / (1 - ab_t) x0 + sqrt(ab_t/ab_s) (1 - ab_s)/(1 - ab_t) x_t.
-// variance_type picks the noise: fixed_small = beta_tilde, fixed_large = beta_{t|s}, their _log
-// variants (same values, diffusers' naming), learned / learned_range (the kernel reads the
-// model's variance; LOG_VAR_MIN / LOG_VAR_MAX hold the interpolation ends).
-// noise_rule: "last" injects no noise on the final step; "t_zero" (diffusers) none where t == 0.
-py::array_t<double> ddpm_table(const py::array_t<double, py::array::c_style | py::array::forcecast>& alphas_cumprod,
-                               const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& timesteps,
-                               const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& prev_timesteps,
-                               const std::string& variance_type, double final_alpha_cumprod,
-                               const std::string& noise_rule) {
-  const bool small = variance_type == "fixed_small" || variance_type == "fixed_small_log";
-  const bool large = variance_type == "fixed_large" || variance_type == "fixed_large_log";
-  const bool learned = variance_type == "learned" || variance_type == "learned_range";
-  if (!small && !large && !learned)
-    value_error("unknown variance_type '" + variance_type +
-                "': expected 'fixed_small', 'fixed_small_log', 'fixed_large', 'fixed_large_log', 'learned' "
-                "or 'learned_range'");
-  if (noise_rule != "last" && noise_rule != "t_zero")
-    value_error("unknown noise_rule '" + noise_rule + "': expected 'last' or 't_zero'");
-  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, final_alpha_cumprod);
-  auto out = new_table(in.t.size());
-  double* tab = out.mutable_data();
-  for (size_t i = 0; i < in.t.size(); ++i) {
-    const auto a = alphas_at(in, i, final_alpha_cumprod);
-    double* row = tab + i * NCOL;
-    const double one_m_t = 1.0 - a.ab_t;
-    const double alpha_ts = a.ab_t / a.ab_s;
-    const double beta_ts = 1.0 - alpha_ts;
-    const double beta_tilde = one_m_t > 0.0 ? (1.0 - a.ab_s) / one_m_t * beta_ts : 0.0;
-    const double var_small = std::max(beta_tilde, 1e-20);  // diffusers clamps at 1e-20
-    row[C_X0] = one_m_t > 0.0 ? std::sqrt(a.ab_s) * beta_ts / one_m_t : 0.0;
-    row[C_XT] = one_m_t > 0.0 ? std::sqrt(alpha_ts) * (1.0 - a.ab_s) / one_m_t : 0.0;
-    row[C_EPS] = 0.0;
-    const bool noise = noise_rule == "last" ? in.s[i] >= 0 : in.t[i] > 0;
-    row[NOISE] = noise ? 1.0 : 0.0;
-    row[STD] = noise ? std::sqrt(small ? var_small : (large ? beta_ts : var_small)) : 0.0;
-    row[LOG_VAR_MIN] = std::log(var_small);
-    row[LOG_VAR_MAX] = std::log(std::max(beta_ts, 1e-20));
-    fill_common(row, in, i, a);
-  }
-  return out;
-}
-
-// Multistep consistency sampling (Song et al., 2023, Alg. 1) on a VP schedule: the model's x0
-// estimate is re-noised to s, x_s = sqrt(ab_s) x0 + sigma_s z; the final step returns x0.
-py::array_t<double> consistency_table(
-    const py::array_t<double, py::array::c_style | py::array::forcecast>& alphas_cumprod,
-    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& timesteps,
-    const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& prev_timesteps) {
-  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, 1.0);
-  auto out = new_table(in.t.size());
-  double* tab = out.mutable_data();
-  for (size_t i = 0; i < in.t.size(); ++i) {
-    const auto a = alphas_at(in, i, 1.0);
-    double* row = tab + i * NCOL;
-    const bool final_step = in.s[i] < 0;
-    row[C_X0] = final_step ? 1.0 : std::sqrt(a.ab_s);
-    row[C_EPS] = 0.0;
-    row[C_XT] = 0.0;
-    row[STD] = final_step ? 0.0 : std::sqrt(1.0 - a.ab_s);
-    row[NOISE] = final_step ? 0.0 : 1.0;
-    row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(row[STD] * row[STD], 1e-20));
-    fill_common(row, in, i, a);
-  }
-  return out;
-}
-
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdiff._C: float64 noise schedules, timesteps and per-step coefficient tables";
-  py::list names;
-  for (int i = 0; i < NCOL; ++i) names.append(kColumnNames[i]);
-  m.attr("COLUMNS") = py::tuple(names);
-  m.attr("NCOL") = static_cast<int>(NCOL);
+void register_schedules(py::module_& m) {
   m.def("make_betas", &make_betas, py::arg("name"), py::arg("num_train_timesteps"), py::arg("beta_start"),
         py::arg("beta_end"), "Betas of a named schedule, float64.");
   m.def("validate_betas", &validate_betas, py::arg("betas"), "Check explicit betas lie in (0, 1).");
@@ -438,11 +165,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("spacing"), py::arg("steps_offset") = 0, "Descending timesteps for a spacing rule.");
   m.def("validate_timesteps", &validate_timesteps, py::arg("timesteps"), py::arg("num_train_timesteps"),
         "Check an explicit timestep list: strictly descending, inside [0, num_train_timesteps).");
-  m.def("ddim_table", &ddim_table, py::arg("alphas_cumprod"), py::arg("timesteps"), py::arg("prev_timesteps"),
-        py::arg("eta"), py::arg("final_alpha_cumprod"), "DDIM coefficient table [K, NCOL].");
-  m.def("ddpm_table", &ddpm_table, py::arg("alphas_cumprod"), py::arg("timesteps"), py::arg("prev_timesteps"),
-        py::arg("variance_type"), py::arg("final_alpha_cumprod") = 1.0, py::arg("noise_rule") = "last",
-        "DDPM coefficient table [K, NCOL].");
-  m.def("consistency_table", &consistency_table, py::arg("alphas_cumprod"), py::arg("timesteps"),
-        py::arg("prev_timesteps"), "Multistep consistency sampling table [K, NCOL].");
 }
+
+}  // namespace fastdiff

@@ -136,7 +136,7 @@ def _bench(args) -> int:
     table, _, ids = sampler.device_state(device)
     step = ids[10]
     host_row = sampler.table[10]
-    a_t, s_t, c_x0, c_xt, std = (float(host_row[COL[k]]) for k in ("sqrt_ab_t", "sigma_t", "c_x0", "c_xt", "std"))
+    a_t, s_t, c_x0, c_xt, std = (float(host_row[COL[k]]) for k in ("a_t", "b_t", "c_x0", "c_xt", "std"))
     seed = torch.tensor([0], dtype=torch.int64, device=device)
     commit = _git_commit()
     print(f"fastdiff {__version__} step microbenchmark - {_device_name(device)}, torch {torch.__version__}, "

@@ -33,7 +33,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .kernels.vp_step import COL, vp_step
+from ._ext import C
+from .kernels.vp_step import vp_step
 from .samplers import DDIMSampler, DDPMSampler, register_sampler
 from .schedule import Schedule
 
@@ -45,8 +46,8 @@ def second_to_last_var_cap(clip_pixels: float) -> float:
     """Analytic-DPM's variance clip (Bao et al., 2022; also used by the OCM code): at the
     second-to-last step the noise variance is capped at (clip_pixels * 2/255 * sqrt(pi/2))^2, so
     the mean absolute noise sigma * sqrt(2/pi) is at most ``clip_pixels`` widths of an 8-bit
-    pixel on data in [-1, 1] (their default: 2)."""
-    return (float(clip_pixels) * 2.0 / 255.0 * math.sqrt(math.pi / 2.0)) ** 2
+    pixel on data in [-1, 1] (their default: 2). Computed by fastdiff._C, which applies it."""
+    return C.second_to_last_var_cap(float(clip_pixels))
 
 
 class _OCMMixin:
@@ -69,13 +70,6 @@ class _OCMMixin:
         # The covariance term injects noise even where the base sampler has none (DDIM, eta = 0).
         self.uses_noise = True
 
-    def _ocm_table(self, tab: np.ndarray) -> np.ndarray:
-        tab = np.array(tab, dtype=np.float64, copy=True)
-        tab[:, COL["noise"]] = 1.0
-        tab[-1, COL["noise"]] = 0.0  # the final step returns the mean
-        if self.clip_pixels is not None and tab.shape[0] >= 2:
-            tab[-2, COL["var_max"]] = second_to_last_var_cap(self.clip_pixels)
-        return tab
 
     def _call_model(self, model, x, t):
         if self.head is None:
@@ -123,7 +117,8 @@ class OCMDDPMSampler(_OCMMixin, DDPMSampler):
         self._ocm_init(head, cov_max, clip_pixels)
 
     def _host_table(self) -> np.ndarray:
-        return self._ocm_table(super()._host_table())
+        return C.ddpm_table(self.schedule.alphas_cumprod.numpy(), self.timesteps, self.prev_timesteps,
+                            self.variance_type, 1.0, "last", ocm=True, clip_pixels=self.clip_pixels or 0.0)
 
 
 class OCMDDIMSampler(_OCMMixin, DDIMSampler):
@@ -139,7 +134,8 @@ class OCMDDIMSampler(_OCMMixin, DDIMSampler):
         self._ocm_init(head, cov_max, clip_pixels)
 
     def _host_table(self) -> np.ndarray:
-        return self._ocm_table(super()._host_table())
+        return C.ddim_table(self.schedule.alphas_cumprod.numpy(), self.timesteps, self.prev_timesteps,
+                            self.eta, self._final_alpha_cumprod(), ocm=True, clip_pixels=self.clip_pixels or 0.0)
 
 
 register_sampler("ocm-ddpm", OCMDDPMSampler)

@@ -142,8 +142,8 @@ def test_ddim_table(eta, final):
         var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         lam = eta * math.sqrt(var)
         row = tab[i]
-        assert row[COL["sqrt_ab_t"]] == pytest.approx(math.sqrt(a_t), rel=1e-14)
-        assert row[COL["sigma_t"]] == pytest.approx(math.sqrt(1 - a_t), rel=1e-14)
+        assert row[COL["a_t"]] == pytest.approx(math.sqrt(a_t), rel=1e-14)
+        assert row[COL["b_t"]] == pytest.approx(math.sqrt(1 - a_t), rel=1e-14)
         assert row[COL["c_x0"]] == pytest.approx(math.sqrt(a_s), rel=1e-14)
         assert row[COL["c_eps"]] == pytest.approx(math.sqrt(max(1 - a_s - lam ** 2, 0)), rel=1e-12, abs=1e-15)
         assert row[COL["c_xt"]] == 0

@@ -310,7 +310,7 @@ def _args():
     (lambda a: dict(x=torch.ones(2, 3, dtype=torch.int32), model_output=torch.ones(2, 3, dtype=torch.int32)),
      ValueError, "float32, float16 or bfloat16"),
     (lambda a: dict(model_output=[1, 2]), TypeError, "must be a torch.Tensor"),
-    (lambda a: dict(table=torch.zeros(10, 5)), ValueError, r"\[K, 16\]"),
+    (lambda a: dict(table=torch.zeros(10, 5)), ValueError, rf"\[K, {len(fastdiff.COLUMNS)}\]"),
     (lambda a: dict(step=3), ValueError, "one-element int32/int64 tensor"),
     (lambda a: dict(step=torch.tensor([0.0])), ValueError, "one-element int32/int64 tensor"),
     (lambda a: dict(kw=dict(prediction_type="x0")), ValueError, "prediction_type must be one of"),

@@ -31,11 +31,25 @@ if triton is not None:
 if triton is not None:
     import triton.language as tl
 
-    NAN = tl.constexpr(tl.PropagateNan.ALL)
-
 COLUMNS = _ext.C.COLUMNS
 NCOL = _ext.C.NCOL
 COL = {name: i for i, name in enumerate(COLUMNS)}
+
+if triton is not None:
+    NAN = tl.constexpr(tl.PropagateNan.ALL)
+    # Table columns by name (csrc/columns.h is the one list; a name missing there fails here).
+    COL_A_T = tl.constexpr(COL["a_t"])
+    COL_B_T = tl.constexpr(COL["b_t"])
+    COL_C_X0 = tl.constexpr(COL["c_x0"])
+    COL_C_EPS = tl.constexpr(COL["c_eps"])
+    COL_C_XT = tl.constexpr(COL["c_xt"])
+    COL_STD = tl.constexpr(COL["std"])
+    COL_C_COV = tl.constexpr(COL["c_cov"])
+    COL_COV_SCALE = tl.constexpr(COL["cov_scale"])
+    COL_LOG_VAR_MIN = tl.constexpr(COL["log_var_min"])
+    COL_LOG_VAR_MAX = tl.constexpr(COL["log_var_max"])
+    COL_VAR_MAX = tl.constexpr(COL["var_max"])
+    COL_NOISE = tl.constexpr(COL["noise"])
 
 PREDICTIONS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 VAR_MODES = {"table": 0, "ocm": 1, "learned_range": 2, "learned": 3}
@@ -85,12 +99,12 @@ if triton is not None:
         # Per-step scalars from the device table: the launch carries no per-step host value.
         step = tl.load(step_ptr)
         row = table_ptr + step.to(tl.int64) * NCOL
-        a_t = tl.load(row + 0)
-        sig_t = tl.load(row + 1)
-        c_x0 = tl.load(row + 2)
-        c_eps = tl.load(row + 3)
-        c_xt = tl.load(row + 4)
-        std = tl.load(row + 5)
+        a_t = tl.load(row + COL_A_T)
+        sig_t = tl.load(row + COL_B_T)
+        c_x0 = tl.load(row + COL_C_X0)
+        c_eps = tl.load(row + COL_C_EPS)
+        c_xt = tl.load(row + COL_C_XT)
+        std = tl.load(row + COL_STD)
 
         x = tl.load(x_ptr + _offsets(local, D1, D2, D3, sx0, sx1, sx2, sx3, STRIDED), mask=mask,
                     other=0.0).to(tl.float32)
@@ -128,20 +142,20 @@ if triton is not None:
             if VAR_MODE == 0:
                 x_s = x_s + std * z
             else:
-                noise_on = tl.load(row + 11)
+                noise_on = tl.load(row + COL_NOISE)
                 aux = tl.load(aux_ptr + _offsets(local, D1, D2, D3, sa0, sa1, sa2, sa3, STRIDED),
                               mask=mask, other=0.0).to(tl.float32)
                 if VAR_MODE == 1:  # OCM: widen by the posterior variance of x0_hat
-                    c_cov = tl.load(row + 6)
-                    cov_scale = tl.load(row + 7)
-                    var_max = tl.load(row + 10)
+                    c_cov = tl.load(row + COL_C_COV)
+                    cov_scale = tl.load(row + COL_COV_SCALE)
+                    var_max = tl.load(row + COL_VAR_MAX)
                     sigma0 = tl.minimum(tl.maximum(cov_scale * (1.0 + aux), 0.0, propagate_nan=NAN), cov_max,
                                         propagate_nan=NAN)
                     var = tl.minimum(std * std + c_cov * c_cov * sigma0, var_max, propagate_nan=NAN)
                     noise_std = tl.sqrt(var)
                 elif VAR_MODE == 2:  # learned_range: interpolate log-variance between the bounds
-                    lo = tl.load(row + 8)
-                    hi = tl.load(row + 9)
+                    lo = tl.load(row + COL_LOG_VAR_MIN)
+                    hi = tl.load(row + COL_LOG_VAR_MAX)
                     frac = (aux + 1.0) * 0.5
                     noise_std = tl.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
                 else:  # learned: the model outputs the variance
@@ -385,7 +399,7 @@ def vp_step_reference(
         raise ValueError(f"prediction_type must be one of {tuple(PREDICTIONS)}, got {prediction_type!r}")
     cdt = torch.float64 if table.dtype == torch.float64 else torch.float32
     row = table.to(cdt).index_select(0, step.reshape(1).long()).reshape(NCOL)
-    a_t, sig_t, c_x0, c_eps, c_xt, std = (row[COL[k]] for k in ("sqrt_ab_t", "sigma_t", "c_x0", "c_eps", "c_xt", "std"))
+    a_t, sig_t, c_x0, c_eps, c_xt, std = (row[COL[k]] for k in ("a_t", "b_t", "c_x0", "c_eps", "c_xt", "std"))
     xf, m = x.to(cdt), model_output.to(cdt)
     # The kernel's arithmetic in the kernel's order (x0_hat first, then the combination), with
     # in-place ops where they save a pass. Folding the update into p * x_t + q * model_output

@@ -1,0 +1,208 @@
+// fastdiff._C: per-step coefficient tables for every solver, in float64 (see columns.h).
+//
+// Everything here depends only on the schedule configuration and the step count, so it is
+// computed once on the host. A step goes t -> s < t.
+
+#include "columns.h"
+#include "common.h"
+
+namespace fastdiff {
+namespace {
+
+struct StepAlphas {
+  double ab_t, ab_s;
+};
+
+struct TableInput {
+  std::vector<double> ab;
+  std::vector<int64_t> t, s;
+};
+
+TableInput table_input(const DoubleArray& alphas_cumprod,
+                       const IntArray& timesteps,
+                       const IntArray& prev_timesteps,
+                       double final_alpha_cumprod) {
+  TableInput in{to_vec(alphas_cumprod, "alphas_cumprod"), to_ivec(timesteps, "timesteps"),
+                to_ivec(prev_timesteps, "prev_timesteps")};
+  const int64_t n = static_cast<int64_t>(in.ab.size());
+  if (n == 0) value_error("alphas_cumprod must not be empty");
+  for (int64_t i = 0; i < n; ++i)
+    if (!(in.ab[i] >= 0.0 && in.ab[i] <= 1.0))
+      value_error("alphas_cumprod must lie in [0, 1], got alphas_cumprod[" + std::to_string(i) + "] = " +
+                  fmt(in.ab[i]));
+  if (in.t.empty()) value_error("timesteps must not be empty");
+  if (in.t.size() != in.s.size())
+    value_error("timesteps and prev_timesteps must have the same length, got " + std::to_string(in.t.size()) +
+                " and " + std::to_string(in.s.size()));
+  for (size_t i = 0; i < in.t.size(); ++i) {
+    if (in.t[i] < 0 || in.t[i] >= n)
+      value_error("timesteps must lie in [0, " + std::to_string(n) + "), got timesteps[" + std::to_string(i) +
+                  "] = " + std::to_string(in.t[i]));
+    if (in.s[i] >= n)
+      value_error("prev_timesteps must be < " + std::to_string(n) + " (negative means the final step), got " +
+                  "prev_timesteps[" + std::to_string(i) + "] = " + std::to_string(in.s[i]));
+  }
+  if (!(final_alpha_cumprod > 0.0 && final_alpha_cumprod <= 1.0))
+    value_error("final_alpha_cumprod must lie in (0, 1], got " + fmt(final_alpha_cumprod));
+  return in;
+}
+
+StepAlphas alphas_at(const TableInput& in, size_t i, double final_ab) {
+  return {in.ab[in.t[i]], in.s[i] >= 0 ? in.ab[in.s[i]] : final_ab};
+}
+
+void fill_common(double* row, const TableInput& in, size_t i, const StepAlphas& a) {
+  row[A_T] = std::sqrt(a.ab_t);
+  row[B_T] = std::sqrt(1.0 - a.ab_t);
+  row[A_S] = std::sqrt(a.ab_s);
+  row[B_S] = std::sqrt(std::max(1.0 - a.ab_s, 0.0));
+  row[COV_SCALE] = a.ab_t > 0.0 ? (1.0 - a.ab_t) / a.ab_t : std::numeric_limits<double>::infinity();
+  row[VAR_MAX] = std::numeric_limits<double>::infinity();
+  row[T] = static_cast<double>(in.t[i]);
+  row[PREV_T] = static_cast<double>(in.s[i] >= 0 ? in.s[i] : -1);
+  // OCM: at fixed x_t, x_s moves with x0_hat by c_x0 - c_eps * sqrt(ab_t) / sigma_t (eps_hat is
+  // tied to x0_hat through x_t = sqrt(ab_t) x0 + sigma_t eps).
+  row[C_COV] = row[B_T] > 0.0 ? row[C_X0] - row[C_EPS] * row[A_T] / row[B_T] : row[C_X0];
+}
+
+py::array_t<double> new_table(size_t k) {
+  py::array_t<double> out({static_cast<py::ssize_t>(k), static_cast<py::ssize_t>(NCOL)});
+  std::fill(out.mutable_data(), out.mutable_data() + k * NCOL, 0.0);
+  return out;
+}
+
+// OCM (Ou et al., 2024): the step keeps the base sampler's mean and widens its noise by the
+// posterior variance of x0_hat, c_cov^2 Sigma0, on every step but the last (which returns the
+// mean, even where the base sampler injects none, e.g. DDIM at eta = 0). clip_pixels > 0 caps the
+// variance of the second-to-last step at (clip_pixels * 2/255 * sqrt(pi/2))^2 (Analytic-DPM's
+// clip, also in the OCM code): the mean absolute noise is then at most clip_pixels widths of an
+// 8-bit pixel on data in [-1, 1].
+double second_to_last_var_cap(double clip_pixels) {
+  return std::pow(clip_pixels * 2.0 / 255.0 * std::sqrt(M_PI / 2.0), 2.0);
+}
+
+void apply_ocm(py::array_t<double>& out, double clip_pixels) {
+  if (!(clip_pixels >= 0.0)) value_error("clip_pixels must be >= 0 (0: no cap), got " + fmt(clip_pixels));
+  const size_t k = static_cast<size_t>(out.shape(0));
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < k; ++i) tab[i * NCOL + NOISE] = i + 1 < k ? 1.0 : 0.0;
+  if (clip_pixels > 0.0 && k >= 2) tab[(k - 2) * NCOL + VAR_MAX] = second_to_last_var_cap(clip_pixels);
+}
+
+// DDIM (Song et al., 2021), eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - lambda^2) eps + lambda z,
+// lambda^2 = eta^2 (1 - ab_s)/(1 - ab_t) (1 - ab_t/ab_s).
+py::array_t<double> ddim_table(const DoubleArray& alphas_cumprod,
+                               const IntArray& timesteps,
+                               const IntArray& prev_timesteps,
+                               double eta, double final_alpha_cumprod, bool ocm, double clip_pixels) {
+  if (!(std::isfinite(eta) && eta >= 0.0)) value_error("eta must be a finite number >= 0, got " + fmt(eta));
+  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, final_alpha_cumprod);
+  auto out = new_table(in.t.size());
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < in.t.size(); ++i) {
+    const auto a = alphas_at(in, i, final_alpha_cumprod);
+    double* row = tab + i * NCOL;
+    const double beta_ts = 1.0 - a.ab_t / a.ab_s;
+    const double var = a.ab_t < 1.0 ? (1.0 - a.ab_s) / (1.0 - a.ab_t) * beta_ts : 0.0;
+    const double std_dev = eta * std::sqrt(std::max(var, 0.0));
+    row[C_X0] = std::sqrt(a.ab_s);
+    row[C_EPS] = std::sqrt(std::max(1.0 - a.ab_s - std_dev * std_dev, 0.0));
+    row[C_XT] = 0.0;
+    row[STD] = std_dev;
+    // NOISE gates the variance modes that add to the table std (OCM widens even eta = 0):
+    // every step but the final one.
+    row[NOISE] = in.s[i] >= 0 ? 1.0 : 0.0;
+    row[LOG_VAR_MIN] = std::log(std::max(var, 1e-20));
+    row[LOG_VAR_MAX] = std::log(std::max(beta_ts, 1e-20));
+    fill_common(row, in, i, a);
+  }
+  if (ocm) apply_ocm(out, clip_pixels);
+  return out;
+}
+
+// DDPM ancestral step (Ho et al., 2020), posterior q(x_s | x_t, x0):
+// mean = sqrt(ab_s) beta_{t|s} / (1 - ab_t) x0 + sqrt(ab_t/ab_s) (1 - ab_s)/(1 - ab_t) x_t.
+// variance_type picks the noise: fixed_small = beta_tilde, fixed_large = beta_{t|s}, their _log
+// variants (same values, diffusers' naming), learned / learned_range (the kernel reads the
+// model's variance; LOG_VAR_MIN / LOG_VAR_MAX hold the interpolation ends).
+// noise_rule: "last" injects no noise on the final step; "t_zero" (diffusers) none where t == 0.
+py::array_t<double> ddpm_table(const DoubleArray& alphas_cumprod,
+                               const IntArray& timesteps,
+                               const IntArray& prev_timesteps,
+                               const std::string& variance_type, double final_alpha_cumprod,
+                               const std::string& noise_rule, bool ocm, double clip_pixels) {
+  const bool small = variance_type == "fixed_small" || variance_type == "fixed_small_log";
+  const bool large = variance_type == "fixed_large" || variance_type == "fixed_large_log";
+  const bool learned = variance_type == "learned" || variance_type == "learned_range";
+  if (!small && !large && !learned)
+    value_error("unknown variance_type '" + variance_type +
+                "': expected 'fixed_small', 'fixed_small_log', 'fixed_large', 'fixed_large_log', 'learned' "
+                "or 'learned_range'");
+  if (noise_rule != "last" && noise_rule != "t_zero")
+    value_error("unknown noise_rule '" + noise_rule + "': expected 'last' or 't_zero'");
+  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, final_alpha_cumprod);
+  auto out = new_table(in.t.size());
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < in.t.size(); ++i) {
+    const auto a = alphas_at(in, i, final_alpha_cumprod);
+    double* row = tab + i * NCOL;
+    const double one_m_t = 1.0 - a.ab_t;
+    const double alpha_ts = a.ab_t / a.ab_s;
+    const double beta_ts = 1.0 - alpha_ts;
+    const double beta_tilde = one_m_t > 0.0 ? (1.0 - a.ab_s) / one_m_t * beta_ts : 0.0;
+    const double var_small = std::max(beta_tilde, 1e-20);  // diffusers clamps at 1e-20
+    row[C_X0] = one_m_t > 0.0 ? std::sqrt(a.ab_s) * beta_ts / one_m_t : 0.0;
+    row[C_XT] = one_m_t > 0.0 ? std::sqrt(alpha_ts) * (1.0 - a.ab_s) / one_m_t : 0.0;
+    row[C_EPS] = 0.0;
+    const bool noise = noise_rule == "last" ? in.s[i] >= 0 : in.t[i] > 0;
+    row[NOISE] = noise ? 1.0 : 0.0;
+    row[STD] = noise ? std::sqrt(small ? var_small : (large ? beta_ts : var_small)) : 0.0;
+    row[LOG_VAR_MIN] = std::log(var_small);
+    row[LOG_VAR_MAX] = std::log(std::max(beta_ts, 1e-20));
+    fill_common(row, in, i, a);
+  }
+  if (ocm) apply_ocm(out, clip_pixels);
+  return out;
+}
+
+// Multistep consistency sampling (Song et al., 2023, Alg. 1) on a VP schedule: the model's x0
+// estimate is re-noised to s, x_s = sqrt(ab_s) x0 + sigma_s z; the final step returns x0.
+py::array_t<double> consistency_table(
+    const DoubleArray& alphas_cumprod,
+    const IntArray& timesteps,
+    const IntArray& prev_timesteps) {
+  auto in = table_input(alphas_cumprod, timesteps, prev_timesteps, 1.0);
+  auto out = new_table(in.t.size());
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < in.t.size(); ++i) {
+    const auto a = alphas_at(in, i, 1.0);
+    double* row = tab + i * NCOL;
+    const bool final_step = in.s[i] < 0;
+    row[C_X0] = final_step ? 1.0 : std::sqrt(a.ab_s);
+    row[C_EPS] = 0.0;
+    row[C_XT] = 0.0;
+    row[STD] = final_step ? 0.0 : std::sqrt(1.0 - a.ab_s);
+    row[NOISE] = final_step ? 0.0 : 1.0;
+    row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(row[STD] * row[STD], 1e-20));
+    fill_common(row, in, i, a);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_tables(py::module_& m) {
+  m.def("ddim_table", &ddim_table, py::arg("alphas_cumprod"), py::arg("timesteps"), py::arg("prev_timesteps"),
+        py::arg("eta"), py::arg("final_alpha_cumprod"), py::arg("ocm") = false, py::arg("clip_pixels") = 0.0,
+        "DDIM coefficient table [K, NCOL]; ocm=True widens the noise by the x0_hat covariance (OCM-DDIM).");
+  m.def("ddpm_table", &ddpm_table, py::arg("alphas_cumprod"), py::arg("timesteps"), py::arg("prev_timesteps"),
+        py::arg("variance_type"), py::arg("final_alpha_cumprod") = 1.0, py::arg("noise_rule") = "last",
+        py::arg("ocm") = false, py::arg("clip_pixels") = 0.0,
+        "DDPM coefficient table [K, NCOL]; ocm=True widens the noise by the x0_hat covariance (OCM-DDPM).");
+  m.def("consistency_table", &consistency_table, py::arg("alphas_cumprod"), py::arg("timesteps"),
+        py::arg("prev_timesteps"), "Multistep consistency sampling table [K, NCOL].");
+  m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
+        "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
+}
+
+}  // namespace fastdiff
