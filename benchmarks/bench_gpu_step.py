@@ -25,7 +25,7 @@ import torch
 
 import fastdiff
 from bench_gpu_common import DTYPES, Table, fmt_time, pick_device, provenance, sync, time_call
-from fastdiff.kernels.vp_step import vp_step
+from fastdiff.engine.step import step as vp_step
 
 SIZES = [
     ("1x4x64x64", (1, 4, 64, 64)),
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     steps, i = 50, 10
     sampler = fastdiff.DDIMSampler(steps=steps, eta=0.0, timestep_spacing="leading", prev_timestep_rule="ratio")
     table, ts, ids = sampler.device_state(device)
-    row = sampler.table[i]
+    row = sampler.table.host[i]
     col = fastdiff.COLUMNS.index
     a_t, s_t, c_x0, c_eps = (float(row[col(k)]) for k in ("a_t", "b_t", "c_x0", "c_eps"))
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from fastdiff.kernels.vp_step import vp_step
+from fastdiff.engine.step import step as vp_step
 
 SIZES = [
     ("1x4x64x64", (1, 4, 64, 64)),
@@ -88,7 +88,7 @@ def run(sizes, dtypes, device, with_diffusers=True, min_time=0.2, out=sys.stdout
     i = 10
     step_id, pstep_id = ids[i], pids[i]
     seed = torch.tensor([0], device=device)
-    tab64 = ddim.table[i]
+    tab64 = ddim.table.host[i]
     a_t, s_t, c_x0, c_eps = (float(tab64[fastdiff.COLUMNS.index(k)]) for k in ("a_t", "b_t", "c_x0", "c_eps"))
     sched = None
     if with_diffusers:

@@ -31,8 +31,8 @@ import time
 import torch
 
 import fastdiff
-from fastdiff.ocm import MLPHead, ProbeHead, train_head
-from fastdiff.testing import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
+from fastdiff.training.ocm import MLPHead, ProbeHead, train_head
+from fastdiff.testbed import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fastdiff import demo  # noqa: E402
-from fastdiff.testing import frechet_distance, sliced_wasserstein  # noqa: E402
+from fastdiff.testbed import frechet_distance, sliced_wasserstein  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 16, 32)
 SAMPLERS = ("ddpm", "ddim", "ocm-ddpm", "ocm-ddim", "student", "consistency")
@@ -79,8 +79,8 @@ def digits_table(n: int, seed: int):
 
 def testbed_table(iters: int, seed: int):
     from fastdiff import sample
-    from fastdiff.distill import MLPDenoiser, ProgressiveDistillation
-    from fastdiff.testing import GaussianMixture
+    from fastdiff.training.distill import MLPDenoiser, ProgressiveDistillation
+    from fastdiff.testbed import GaussianMixture
 
     torch.manual_seed(seed)
     mix = GaussianMixture.random(dim=2, n_components=4, std_range=(0.05, 0.2), seed=1, schedule="squaredcos_cap_v2")

@@ -1,23 +1,25 @@
 """fastdiff: fast, trustworthy diffusion sampling.
 
-Fused Triton step kernels (DDPM, DDIM, OCM, ...), float64 schedule tables from a C++ extension,
-samplers with no host sync per step. See README.md.
+One fused step for every solver (a Triton kernel on CUDA, its torch reference elsewhere),
+float64 coefficient tables from a C++ extension, samplers with no host sync per step, CUDA-graph
+loops, drop-ins for diffusers' schedulers. See README.md and docs/design.md.
 """
-from ._ext import C as _C
-from .kernels.philox import randn
-from .kernels.vp_step import COLUMNS, vp_step, vp_step_reference
-from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Sampler, make_sampler, register_sampler,
-                       sample)
-from .schedule import Schedule
-from .ocm import OCMDDIMSampler, OCMDDPMSampler, ProbeHead, ocm_loss, ocm_target, train_head
+from .api import sample
+from .engine.schedule import Schedule
+from .engine.step import StepOptions, step
+from .engine.tables import COLUMNS, Table
 from .graphs import GraphedSampler
-from .consistency import ConsistencyDistillation, ConsistencySampler
+from .engine.kernels.philox import randn
+from .samplers import (SAMPLERS, ConsistencySampler, DDIMSampler, DDPMSampler, OCMDDIMSampler, OCMDDPMSampler,
+                       Sampler, make_sampler, register_sampler)
+from .training.consistency import ConsistencyDistillation
+from .training.ocm import ProbeHead, ocm_loss, ocm_target, train_head
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "COLUMNS", "DDIMSampler", "DDPMSampler", "OCMDDIMSampler", "OCMDDPMSampler", "ProbeHead", "ocm_loss", "ocm_target",
-    "train_head", "GraphedSampler", "SAMPLERS", "Sampler", "Schedule", "make_sampler", "randn",
-    "register_sampler", "sample", "vp_step", "vp_step_reference", "__version__",
-    "ConsistencyDistillation", "ConsistencySampler",
+    "COLUMNS", "ConsistencyDistillation", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "GraphedSampler",
+    "OCMDDIMSampler", "OCMDDPMSampler", "ProbeHead", "SAMPLERS", "Sampler", "Schedule", "StepOptions", "Table",
+    "make_sampler", "ocm_loss", "ocm_target", "randn", "register_sampler", "sample", "step", "train_head",
+    "__version__",
 ]

@@ -38,7 +38,7 @@ def _sample(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
     if args.backend is not None:
-        from .backend import resolve
+        from .engine.backend import resolve
         try:
             resolve(args.backend, device)
         except RuntimeError as exc:  # the backend cannot run here: a usage error, not a crash
@@ -123,8 +123,9 @@ def _bench(args) -> int:
         return _full_bench(args)
 
     from . import __version__
-    from .backend import resolve
-    from .kernels.vp_step import COL, vp_step
+    from .engine.backend import resolve
+    from .engine.step import StepOptions, step
+    from .engine.tables import COLUMNS
     from .samplers import DDPMSampler
 
     device = torch.device(args.device)
@@ -134,15 +135,16 @@ def _bench(args) -> int:
     backend = resolve(args.backend, device)
     sampler = DDPMSampler(None, 50, clip_sample=True)
     table, _, ids = sampler.device_state(device)
-    step = ids[10]
-    host_row = sampler.table[10]
-    a_t, s_t, c_x0, c_xt, std = (float(host_row[COL[k]]) for k in ("a_t", "b_t", "c_x0", "c_xt", "std"))
+    index = ids[10]
+    host_row = sampler.table.host[10]
+    a_t, s_t, c_x0, c_xt, std = (float(host_row[COLUMNS.index(k)]) for k in ("a_t", "b_t", "c_x0", "c_xt", "std"))
+    options = StepOptions(prediction_type="epsilon", clip_range=1.0)
     seed = torch.tensor([0], dtype=torch.int64, device=device)
     commit = _git_commit()
     print(f"fastdiff {__version__} step microbenchmark - {_device_name(device)}, torch {torch.__version__}, "
           f"{args.dtype}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
           + (f", commit {commit}" if commit else ""))
-    print(f"fused: vp_step (DDPM, clip, in-kernel Philox noise) on the {backend} backend; eager: the same update "
+    print(f"fused: fastdiff.step (DDPM, clip, in-kernel Philox noise) on the {backend} backend; eager: the same update "
           "as separate torch ops with noise from torch.randn")
     print(f"{'shape':>20} {'elements':>10} {'fused ms':>9} {'eager ms':>9} {'speed-up':>8} {'fused GB/s':>10}")
     shapes = args.shape or _default_shapes(device)
@@ -153,8 +155,7 @@ def _bench(args) -> int:
         out = torch.empty_like(x)
 
         def fused():
-            vp_step(x, eps, table, step, prediction_type="epsilon", clip_range=1.0, seed=seed, out=out,
-                    backend=backend)
+            step(x, eps, table, index, options, seed=seed, out=out, backend=backend)
 
         def eager():
             z = torch.randn_like(x)

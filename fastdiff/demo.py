@@ -38,7 +38,7 @@ DEMO_SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 10
 
 
 def demo_schedule():
-    from .schedule import Schedule
+    from .engine.schedule import Schedule
     return Schedule(**DEMO_SCHEDULE)
 
 
@@ -290,7 +290,6 @@ def make_demo_sampler(sampler: str = "ocm-ddpm", steps: int = 10, *, eta: float 
                          prediction_type=info["prediction_type"], clip_sample=True, backend=backend)
         return model, s
     if sampler == "consistency":
-        from . import consistency  # noqa: F401  (registers "consistency")
         model, info, _ = load("demo_consistency", device)
         return model, make_sampler("consistency", DEMO_SCHEDULE, int(steps), prediction_type=info["prediction_type"],
                                    clip_sample=True, backend=backend)
@@ -301,7 +300,6 @@ def make_demo_sampler(sampler: str = "ocm-ddpm", steps: int = 10, *, eta: float 
     elif eta:
         raise ValueError(f"eta applies to the DDIM samplers only, not {sampler!r}")
     if sampler.startswith("ocm"):
-        from . import ocm  # noqa: F401  (registers "ocm-ddpm", "ocm-ddim")
         kw["head"] = load("demo_ocm_head", device)[0]
     return model, make_sampler(sampler, DEMO_SCHEDULE, int(steps), **kw)
 

@@ -22,8 +22,9 @@ Design (after stable-fast's graph runner, without host scalars in the key):
   before the replay (a graph of its own kind: the key says which).
 * **The key** holds everything the recorded kernels depend on and nothing that changes per call:
   shape, dtype, device, sample_offset (the kernels take the global index of x[0] as a launch
-  argument), how x_T is made, the model's identity, the sampler's class and configuration, the
-  resolved backend and the autocast state. The seed and the values of x are not in it.
+  argument), how x_T is made, the model's identity, ``sampler.graph_key()`` (its class, step
+  options, coefficient table by value and held callables by identity), the resolved backend and
+  the autocast state. The seed and the values of x are not in it.
 * **Warm-up on a side stream** before capture (Triton compiles its kernels, libraries create
   their handles), then capture into a memory pool (``torch.cuda.graph_pool_handle``) shared by
   every graph of one cache. Graphs of one cache must be replayed on one stream at a time, which
@@ -32,9 +33,8 @@ Design (after stable-fast's graph runner, without host scalars in the key):
   pool; a cache holds at most ``max_graphs`` graphs and drops the least recently used one.
 
 The graph holds strong references to the model and the sampler it was recorded with (their
-tensors are baked into the graph) until it is released. A sampler's configuration is read once,
-like its device tables: make a new sampler rather than changing one in place. The loop runs
-without autograd. Nothing here is thread-safe.
+tensors are baked into the graph) until it is released. Samplers are immutable, so a graph can
+never replay a configuration its sampler no longer has. The loop runs without autograd. Nothing here is thread-safe.
 
 On a device other than CUDA the same calls run the eager loop and warn once (per runner; once
 per process for ``cuda_graph=True``), with the same samples.
@@ -42,7 +42,6 @@ per process for ``cuda_graph=True``), with the same samples.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -51,15 +50,14 @@ import weakref
 from collections import OrderedDict
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from . import backend as _backend
-from .kernels import philox
-from .samplers import Sampler, check_sample_args, make_sampler
-from .schedule import Schedule
+from .engine import backend as _backend
+from .engine.kernels import philox
+from .samplers.base import Sampler, check_sample_args
+from .samplers.registry import make_sampler
 
-__all__ = ["GraphCache", "GraphFallbackWarning", "GraphedSampler", "reset", "sample_graphed", "sampler_fingerprint"]
+__all__ = ["GraphCache", "GraphFallbackWarning", "GraphedSampler", "reset", "sample_graphed"]
 
 
 class GraphFallbackWarning(UserWarning):
@@ -68,63 +66,20 @@ class GraphFallbackWarning(UserWarning):
 
 # -- keys -----------------------------------------------------------------------------------------
 
-_SCALARS = (bool, int, float, str, type(None), np.integer, np.floating, np.bool_, torch.dtype, torch.device)
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# Each distinct fingerprint gets a small int, so that a call hashes a short key rather than the
+# Each distinct sampler key gets a small int, so that a call hashes a short key rather than the
 # whole configuration (tuples do not cache their hash).
-_FINGERPRINT_IDS: dict = {}
+_SAMPLER_KEY_IDS: dict = {}
 _SAMPLER_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _array_key(a: np.ndarray) -> tuple:
-    a = np.ascontiguousarray(a)
-    return ("array", a.dtype.str, a.shape, hashlib.sha1(a.tobytes()).hexdigest())
-
-
-def _value_key(v):
-    """A hashable stand-in for one attribute of a sampler: values for data, identity for objects."""
-    if isinstance(v, _SCALARS):
-        return v
-    if isinstance(v, np.ndarray):
-        return _array_key(v)
-    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.numel() <= 1 << 16:
-        return _array_key(v.detach().contiguous().numpy())
-    if isinstance(v, Schedule):
-        # public attributes only: the private device caches do not change the schedule
-        return ("Schedule",) + tuple((k, _value_key(x)) for k, x in sorted(vars(v).items()) if not k.startswith("_"))
-    if isinstance(v, (tuple, list)):
-        return (type(v).__name__,) + tuple(_value_key(x) for x in v)
-    if isinstance(v, dict):
-        return ("dict",) + tuple((str(k), _value_key(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
-    # Modules, heads, device tensors, callables: their identity. The graph holds the sampler, so
-    # the id cannot be reused by another object while the graph lives.
-    return ("id", id(v))
-
-
-def sampler_fingerprint(sampler: Sampler) -> tuple:
-    """The sampler's class and public configuration (steps, timesteps, eta, prediction type,
-    variance type, clipping, schedule, ...) as a hashable tuple. Two samplers with equal
-    fingerprints have equal coefficient tables, so they may share a graph. Memoized per sampler
-    object (a sampler is configured once; its device tables are cached the same way)."""
-    try:
-        return _FINGERPRINTS[sampler]
-    except (KeyError, TypeError):
-        pass
-    items = tuple((k, _value_key(v)) for k, v in sorted(vars(sampler).items()) if not k.startswith("_"))
-    fp = (type(sampler).__module__, type(sampler).__qualname__) + items
-    try:
-        _FINGERPRINTS[sampler] = fp
-    except TypeError:  # not weak-referenceable: recompute each time
-        pass
-    return fp
-
-
 def _sampler_key(sampler: Sampler) -> int:
+    """A small int per distinct ``sampler.graph_key()`` (class, step options, table by value,
+    held callables by identity); samplers are immutable, so it is computed once per object."""
     try:
         return _SAMPLER_IDS[sampler]
     except (KeyError, TypeError):
         pass
-    key = _FINGERPRINT_IDS.setdefault(sampler_fingerprint(sampler), len(_FINGERPRINT_IDS))
+    key = _SAMPLER_KEY_IDS.setdefault(sampler.graph_key(), len(_SAMPLER_KEY_IDS))
     try:
         _SAMPLER_IDS[sampler] = key
     except TypeError:
@@ -377,9 +332,8 @@ _DEFAULT = GraphCache()
 
 
 def sample_graphed(sampler: Sampler, model, shape=None, **kw) -> torch.Tensor:
-    """``Sampler.sample(..., cuda_graph=True)``: replays from the process-wide cache, so repeated
-    calls of ``fastdiff.sample`` with equal settings capture once. ``fastdiff.graphs.reset()``
-    releases it."""
+    """``fastdiff.sample(..., cuda_graph=True)``: replays from the process-wide cache, so repeated
+    calls with equal settings capture once. ``fastdiff.graphs.reset()`` releases it."""
     return _DEFAULT.run(sampler, model, shape, **kw)
 
 

@@ -9,7 +9,7 @@ def report() -> str:
     import torch
 
     from . import __version__
-    from .backend import interpreting, triton_status
+    from .engine.backend import interpreting, triton_status
 
     lines = [f"fastdiff {__version__}", f"python {platform.python_version()} on {platform.system()} {platform.machine()}",
              f"torch {torch.__version__}"]

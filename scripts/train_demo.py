@@ -116,7 +116,7 @@ def _teacher():
 def train_student(args):
     """Progressive distillation: teacher DDIM at ``--pd-teacher-steps`` halved down to 2 steps;
     the 4-step and the 2-step students are kept."""
-    from fastdiff.distill import ProgressiveDistillation
+    from fastdiff.training.distill import ProgressiveDistillation
 
     torch.manual_seed(args.seed)
     teacher, pred = _teacher()
@@ -151,7 +151,7 @@ def train_student(args):
 
 
 def train_consistency(args):
-    from fastdiff.consistency import ConsistencyDistillation
+    from fastdiff.training.consistency import ConsistencyDistillation
 
     torch.manual_seed(args.seed)
     teacher, pred = _teacher()
@@ -179,7 +179,7 @@ def train_consistency(args):
 def train_head(args):
     """The OCM covariance head of the teacher, by fastdiff.ocm.train_head (probe targets
     sigma_t^2 v * Hv through the frozen teacher)."""
-    from fastdiff.ocm import train_head as fit_head
+    from fastdiff.training.ocm import train_head as fit_head
 
     torch.manual_seed(args.seed)
     teacher, pred = _teacher()

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.consistency import ConsistencyDistillation, ConsistencySampler
-from fastdiff.distill import MLPDenoiser
-from fastdiff.kernels import philox
+from fastdiff import ConsistencyDistillation, ConsistencySampler
+from fastdiff.training.distill import MLPDenoiser
+from fastdiff.engine.kernels import philox
 from fastdiff.samplers import SAMPLERS, make_sampler
-from fastdiff.testing import GaussianMixture
+from fastdiff.testbed import GaussianMixture
 
 
 def _linear_alpha_bar(n=1000, b0=1e-4, b1=0.02):

@@ -200,7 +200,8 @@ def test_bench_full_outside_a_checkout_says_why(monkeypatch, capsys):
 def test_usage_errors_are_found_before_sampling(monkeypatch, capsys):
     """A bad --out directory or an unusable --backend is reported before any sampling work, as
     a usage error (exit 2), not a traceback."""
-    from fastdiff import backend, demo
+    from fastdiff import demo
+    from fastdiff.engine import backend
 
     def no_sampling(*a, **k):
         raise AssertionError("sampled before checking the arguments")

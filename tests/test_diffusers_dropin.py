@@ -656,7 +656,7 @@ def test_storage_offset_shortcut_never_names_the_wrong_timestep():
 
 
 def test_table_cache_is_bounded():
-    from fastdiff import diffusers as fd
+    from fastdiff.dropin import common as fd
     ref, fast = make_pair("ddim", full_config("ddim"))
     fast.set_timesteps(10)
     x, m = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)

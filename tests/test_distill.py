@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.distill import MLPDenoiser, ProgressiveDistillation
-from fastdiff.testing import GaussianMixture, frechet_distance, sliced_wasserstein
+from fastdiff.training.distill import MLPDenoiser, ProgressiveDistillation
+from fastdiff.testbed import GaussianMixture, frechet_distance, sliced_wasserstein
 
 
 def _mixture():
@@ -226,7 +226,7 @@ def test_student_copied_from_a_frozen_teacher_trains_and_the_teacher_stays():
 
 def test_loss_weightings_by_hand():
     """max(SNR, 1), SNR + 1 and 1 at a high-SNR and a low-SNR point (Salimans & Ho, 2022, sec. 4)."""
-    from fastdiff.distill import loss_weight
+    from fastdiff.training.distill import loss_weight
     alpha = torch.tensor([0.9, 0.2], dtype=torch.float64)
     sigma = (1 - alpha ** 2).sqrt()
     snr = alpha ** 2 / sigma ** 2  # 4.263..., 0.0416...

@@ -18,7 +18,7 @@ import torch
 import fastdiff
 from fastdiff import DDIMSampler, DDPMSampler, graphs
 from fastdiff.graphs import GraphCache, GraphedSampler, GraphFallbackWarning
-from fastdiff.kernels import philox
+from fastdiff.engine.kernels import philox
 
 
 def pointwise_model(x, t):
@@ -77,7 +77,7 @@ def test_key_changes_with_what_changes_the_graph_only():
 
 
 def test_key_of_a_model_pair_and_an_ocm_head():
-    ocm = pytest.importorskip("fastdiff.ocm")
+    ocm = pytest.importorskip("fastdiff.samplers.ocm")
     cache = GraphCache()
     net, head = torch.nn.Identity(), torch.nn.Identity()
     shape = (1, 2)
@@ -90,12 +90,13 @@ def test_key_of_a_model_pair_and_an_ocm_head():
     assert k1 != cache.key(ocm.OCMDDIMSampler(steps=3, head=h2), net, shape, torch.float32, "cpu")
 
 
-def test_fingerprint_is_read_once_per_sampler():
+def test_sampler_key_cannot_go_stale():
     s = DDIMSampler(steps=4, eta=0.0)
-    fp = graphs.sampler_fingerprint(s)
-    s.eta = 0.9  # like its device tables, a sampler's configuration is read once
-    assert graphs.sampler_fingerprint(s) is fp
-    assert graphs.sampler_fingerprint(DDIMSampler(steps=4, eta=0.9)) != fp
+    key = s.graph_key()
+    with pytest.raises(AttributeError, match="cannot change after construction"):
+        s.eta = 0.9  # a graph (and the table) were built from eta = 0: the sampler is immutable
+    assert s.graph_key() == key == DDIMSampler(steps=4, eta=0.0).graph_key()
+    assert DDIMSampler(steps=4, eta=0.9).graph_key() != key
 
 
 # -- eager fallback on CPU ---------------------------------------------------------------------------
@@ -123,7 +124,8 @@ def test_functional_cuda_graph_on_cpu_equals_eager_and_warns_once(monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         a = fastdiff.sample(pointwise_model, (2, 3, 3), cuda_graph=True, **kw)
-        b = DDIMSampler(steps=5, eta=0.5).sample(pointwise_model, (2, 3, 3), seed=4, cuda_graph=True)
+        b = fastdiff.sample(pointwise_model, (2, 3, 3), sampler=DDIMSampler(steps=5, eta=0.5), seed=4,
+                            cuda_graph=True)
     assert [w.category for w in rec] == [GraphFallbackWarning]
     assert torch.equal(a, fastdiff.sample(pointwise_model, (2, 3, 3), **kw))
     assert torch.equal(a, b)
@@ -138,8 +140,8 @@ def test_functional_cuda_graph_on_cpu_equals_eager_and_warns_once(monkeypatch):
     (lambda: GraphCache().run("ddim", pointwise_model, (1, 2)), TypeError, "sampler must be a fastdiff Sampler"),
     (lambda: fastdiff.sample(pointwise_model, (1, 2), steps=3, cuda_graph=True, progress=True), ValueError,
      "progress and callback need the eager loop"),
-    (lambda: DDIMSampler(steps=3).sample(pointwise_model, (1, 2), cuda_graph=True, callback=print), ValueError,
-     "use cuda_graph=False"),
+    (lambda: fastdiff.sample(pointwise_model, (1, 2), sampler=DDIMSampler(steps=3), cuda_graph=True,
+                             callback=print), ValueError, "use cuda_graph=False"),
     (lambda: GraphedSampler("ddim", pointwise_model, steps=3)((1, 2), seed=-1), ValueError, "seed must be an int"),
     (lambda: GraphedSampler("ddim", pointwise_model, steps=3)(), ValueError, "give shape"),
 ])
@@ -197,8 +199,8 @@ def test_replay_reads_a_new_seed_without_recapture(fake_graphs):
 @pytest.mark.parametrize("make", [
     lambda: DDPMSampler(steps=4, variance_type="fixed_large"),
     lambda: DDIMSampler(steps=4, eta=0.5, thresholding=True, sample_max_value=1.5),
-    lambda: pytest.importorskip("fastdiff.ocm").OCMDDIMSampler(steps=4, head=lambda x, t: 0.2 * torch.tanh(x)),
-    lambda: pytest.importorskip("fastdiff.consistency").ConsistencySampler(steps=3, prediction_type="sample"),
+    lambda: pytest.importorskip("fastdiff.samplers.ocm").OCMDDIMSampler(steps=4, head=lambda x, t: 0.2 * torch.tanh(x)),
+    lambda: pytest.importorskip("fastdiff.samplers.consistency").ConsistencySampler(steps=3, prediction_type="sample"),
 ], ids=["ddpm-large", "ddim-threshold", "ocm-ddim", "consistency"])
 def test_every_sampler_kind_replays_like_its_eager_loop(fake_graphs, make):
     s = make()
@@ -339,11 +341,11 @@ def _gpu_samplers():
     head = lambda x, t: 0.1 * torch.tanh(x)  # noqa: E731 - a covariance head h(x_t, t)
 
     def ocm(name):
-        ocm_mod = pytest.importorskip("fastdiff.ocm")
+        ocm_mod = pytest.importorskip("fastdiff.samplers.ocm")
         return getattr(ocm_mod, name)(steps=12, head=head)
 
     def consistency():
-        return pytest.importorskip("fastdiff.consistency").ConsistencySampler(steps=4, prediction_type="v_prediction")
+        return pytest.importorskip("fastdiff.samplers.consistency").ConsistencySampler(steps=4, prediction_type="v_prediction")
 
     cases += [("ocm-ddpm", lambda: ocm("OCMDDPMSampler")), ("ocm-ddim", lambda: ocm("OCMDDIMSampler")),
               ("consistency", consistency)]
@@ -456,9 +458,8 @@ def test_gpu_host_sync_in_model_fails_with_a_clear_error():
 
 
 def test_schedule_device_cache_does_not_change_the_key():
-    from fastdiff.graphs import sampler_fingerprint
     sched = fastdiff.Schedule()
-    a = sampler_fingerprint(fastdiff.DDIMSampler(sched, steps=5))
+    a = fastdiff.DDIMSampler(sched, steps=5).graph_key()
     sched.alphas_cumprod_on("cpu")
-    b = sampler_fingerprint(fastdiff.DDIMSampler(sched, steps=5))
+    b = fastdiff.DDIMSampler(sched, steps=5).graph_key()
     assert a == b

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fastdiff.kernels import philox
-from fastdiff.kernels.vp_step import vp_step
+from fastdiff.engine.kernels import philox
+from fastdiff.engine.step import step as vp_step
 from fastdiff.samplers import DDPMSampler
 
 N = 1 << 18

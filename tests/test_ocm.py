@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.kernels import philox
-from fastdiff.kernels.vp_step import vp_step
-from fastdiff.ocm import (MLPHead, OCMDDIMSampler, OCMDDPMSampler, ProbeHead, ocm_loss, ocm_target,
-                          second_to_last_var_cap, train_head)
-from fastdiff.testing import GaussianMixture, frechet_distance
+from fastdiff.engine.kernels import philox
+from fastdiff.engine.step import step as vp_step
+from fastdiff.samplers.ocm import OCMDDIMSampler, OCMDDPMSampler, second_to_last_var_cap
+from fastdiff.training.ocm import MLPHead, ProbeHead, ocm_loss, ocm_target, train_head
+from fastdiff.testbed import GaussianMixture, frechet_distance
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Bound on max|err| / max|want|: fp32 arithmetic amplified by 1/sqrt(ab_t), and for half types
@@ -59,7 +59,7 @@ def test_kernel_on_ocm_tables_vs_float64(kind, eta, dtype):
     cls = OCMDDPMSampler if kind == "ddpm" else OCMDDIMSampler
     kw = {} if kind == "ddpm" else {"eta": eta}
     sampler = cls(sched, 6, timestep_spacing="linspace", cov_max=0.05, clip_pixels=3, **kw)
-    table = sampler.table.float()
+    table = sampler.table.on("cpu")
     ts, prev = sampler.timesteps, sampler.prev_timesteps
     gen = torch.Generator().manual_seed(3)
     shape = (3, 5, 7)
@@ -85,7 +85,7 @@ def test_kernel_on_ocm_tables_vs_float64(kind, eta, dtype):
 def test_kernel_philox_ocm_matches_reference():
     """In-kernel noise in OCM mode: interpreter vs torch reference on an odd batch offset."""
     sampler = OCMDDIMSampler(None, 5, eta=0.0, head=lambda x, t: x)
-    table = sampler.table.float()
+    table = sampler.table.on("cpu")
     gen = torch.Generator().manual_seed(5)
     x, m = _rand((3, 33), torch.float32, gen), _rand((3, 33), torch.float32, gen)
     h = torch.rand(3, 33, generator=gen) - 0.5
@@ -99,13 +99,13 @@ def test_kernel_philox_ocm_matches_reference():
 
 def test_tables_noise_flags_and_clip():
     s = OCMDDIMSampler(None, 8, eta=0.0, clip_pixels=2)
-    tab = s.table.numpy()
+    tab = s.table.host
     col = {n: i for i, n in enumerate(fastdiff.COLUMNS)}
     assert np.all(tab[:-1, col["noise"]] == 1) and tab[-1, col["noise"]] == 0
     assert tab[-2, col["var_max"]] == pytest.approx((2 * 2 / 255 * math.sqrt(math.pi / 2)) ** 2)
     assert np.all(np.isinf(np.delete(tab[:, col["var_max"]], -2)))
     assert s.uses_noise
-    assert np.all(np.isinf(OCMDDPMSampler(None, 8).table.numpy()[:, col["var_max"]]))
+    assert np.all(np.isinf(OCMDDPMSampler(None, 8).table.host[:, col["var_max"]]))
     with pytest.raises(ValueError, match="fixed_small"):
         OCMDDPMSampler(None, 8, variance_type="fixed_large")
     with pytest.raises(ValueError, match="cov_max"):

@@ -39,7 +39,7 @@ def test_imports_and_samples_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch, fastdiff\n"
-        "from fastdiff.backend import triton_status\n"
+        "from fastdiff.engine.backend import triton_status\n"
         "assert not triton_status()[0]\n"
         "x = fastdiff.sample(lambda x, t: 0.1 * x, (2, 3), sampler='ddpm', steps=4, seed=1)\n"
         "assert torch.isfinite(x).all()\n"

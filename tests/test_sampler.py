@@ -7,7 +7,7 @@ import torch
 
 import fastdiff
 from fastdiff import DDIMSampler, DDPMSampler, Schedule
-from fastdiff.kernels import philox
+from fastdiff.engine.kernels import philox
 
 
 class LinearModel(torch.nn.Module):

@@ -7,7 +7,7 @@ import torch
 
 import fastdiff
 from fastdiff import _C
-from fastdiff.schedule import Schedule, next_timesteps
+from fastdiff.engine.schedule import Schedule, next_timesteps
 
 COL = {name: i for i, name in enumerate(_C.COLUMNS)}
 
@@ -193,11 +193,11 @@ def test_consistency_table():
 
 def test_sampler_tables_use_next_timestep():
     s = fastdiff.DDIMSampler(steps=7, eta=0.3, timestep_spacing="linspace")
-    tab = s.table.numpy()
+    tab = s.table.host
     np.testing.assert_array_equal(tab[:, COL["t"]], s.timesteps)
     np.testing.assert_array_equal(tab[:, COL["prev_t"]], next_timesteps(s.timesteps))
     s2 = fastdiff.DDIMSampler(steps=7, timestep_spacing="leading", prev_timestep_rule="ratio")
-    np.testing.assert_array_equal(s2.table.numpy()[:, COL["prev_t"]],
+    np.testing.assert_array_equal(s2.table.host[:, COL["prev_t"]],
                                   np.where(s2.timesteps - 1000 // 7 >= 0, s2.timesteps - 1000 // 7, -1))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastdiff import DDIMSampler, Schedule
-from fastdiff.testing import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
+from fastdiff.testbed import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
 
 
 def _mixture2d():

@@ -9,9 +9,9 @@ import torch
 
 import fastdiff
 from fastdiff import _C
-from fastdiff.kernels import philox
-from fastdiff.kernels.vp_step import vp_step, vp_step_reference
-from fastdiff.schedule import Schedule, next_timesteps
+from fastdiff.engine.kernels import philox
+from fastdiff.engine.step import step as vp_step
+from fastdiff.engine.schedule import Schedule, next_timesteps
 
 SCHED = Schedule("scaled_linear", beta_start=8.5e-4, beta_end=0.012)
 AB = SCHED.alphas_cumprod.numpy()
@@ -287,13 +287,14 @@ def test_trajectory_10_steps_vs_float64():
 
 
 def test_dynamic_thresholds_values():
-    from fastdiff.kernels.vp_step import dynamic_thresholds
+    from fastdiff.engine.step import StepOptions, dynamic_thresholds
     gen = torch.Generator().manual_seed(13)
     x, m = rand((3, 50), torch.float32, gen, 3.0), rand((3, 50), torch.float32, gen, 3.0)
     table = table_for("ddim")
     _, x0 = f64_step(x, m, 8, kind="ddim")
     want = torch.quantile(x0.abs(), 0.9, dim=1).clamp(1.0, 2.0)
-    got = dynamic_thresholds(x, m, table, torch.tensor([8]), "epsilon", 0.9, 2.0)
+    got = dynamic_thresholds(x, m, table, torch.tensor([8]), StepOptions(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -347,7 +348,7 @@ def test_backend_env_var(monkeypatch):
 
 
 def test_triton_backend_without_interpreter_on_cpu_is_explained(monkeypatch):
-    from fastdiff import backend
+    from fastdiff.engine import backend
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         backend.resolve("triton", torch.device("cpu"))
@@ -414,7 +415,7 @@ def test_strided_table_and_thresholds_are_read_correctly():
 def test_channels_last_everywhere_takes_the_storage_order_path(dtype, monkeypatch):
     """All tensors channels_last: the kernel walks storage order (no index arithmetic); thresholds
     still find their sample; in-kernel noise still follows the logical index."""
-    from fastdiff.kernels import vp_step as mod
+    from fastdiff.engine.kernels import fused_step as mod
     gen = torch.Generator().manual_seed(16)
     shape = (3, 5, 4, 6)
     x, m, z = (rand(shape, dtype, gen) for _ in range(3))
@@ -437,7 +438,7 @@ def test_channels_last_everywhere_takes_the_storage_order_path(dtype, monkeypatc
 
 def test_strided_index_math_int32_and_int64_agree(monkeypatch):
     """The strided path does its index arithmetic in int32 when every offset fits, else int64."""
-    from fastdiff.kernels import vp_step as mod
+    from fastdiff.engine.kernels import fused_step as mod
     gen = torch.Generator().manual_seed(17)
     x = _noncontig(rand((3, 4, 5, 7), torch.float32, gen), "transpose")
     m = _noncontig(rand((3, 4, 5, 7), torch.float32, gen), "slice")

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._ext import C
+from .._ext import C
 
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine", "sigmoid")

@@ -23,8 +23,7 @@ tensor, broadcast) of discrete timesteps indexing ``schedule.alphas_cumprod``, o
 ``alpha_bar=`` (a float tensor [B] or a float) for continuous time. Arithmetic runs in the
 mixture's dtype (float64 by default); results come back in x_t's dtype.
 
-Also here: the sample-quality metrics used by the benchmarks (Frechet distance of fitted
-Gaussians, sliced Wasserstein-2, per-mode weight error).
+Sample-quality metrics against exact samples: fastdiff.testbed.metrics.
 """
 from __future__ import annotations
 
@@ -33,11 +32,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .schedule import Schedule
+from ..engine.predictions import PREDICTIONS, check_prediction, model_output
+from ..engine.schedule import Schedule
 
-__all__ = ["GaussianMixture", "MixtureModel", "frechet_distance", "sliced_wasserstein", "mode_weight_error"]
-
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+__all__ = ["GaussianMixture", "MixtureModel"]
 
 
 def _as_tensor(v, dtype, name):
@@ -216,7 +214,7 @@ class GaussianMixture:
         ab = self._alpha_bar(t, alpha_bar, x.shape[0], x.device)
         e = self.eps(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
         x0 = self.x0_mean(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
-        return self._out(ab.sqrt() * e - (1.0 - ab).sqrt() * x0, x_t)
+        return self._out(model_output(x0, e, ab.sqrt(), (1.0 - ab).sqrt(), "v_prediction"), x_t)
 
     def hessian_diag(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
         """diag nabla^2 log p_t(x_t) = sum_k r_k ((g_k - g)^2 - 1 / v_k)."""
@@ -248,13 +246,13 @@ class GaussianMixture:
             return self.v(x_t, t, alpha_bar=alpha_bar)
         if prediction_type == "sample":
             return self.x0_mean(x_t, t, alpha_bar=alpha_bar)
-        raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
+        raise ValueError(f"prediction_type must be one of {PREDICTIONS[:3]} on the VP path, got {prediction_type!r}")
 
     def model(self, prediction_type: str = "epsilon", return_h: bool = False) -> "MixtureModel":
         """A ``model(x_t, t)`` for every fastdiff sampler (``return_h=True``: returns (output, h),
         the OCM samplers' combined-model convention)."""
-        if prediction_type not in PREDICTIONS:
-            raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
+        if check_prediction(prediction_type) == "flow_prediction":
+            raise ValueError("flow_prediction needs the flow path; this mixture is on the VP path")
         return MixtureModel(self, prediction_type, return_h)
 
     def head(self):
@@ -303,53 +301,3 @@ class MixtureModel(torch.nn.Module):
             return self.mixture.eps_and_h(x_t, t)
         out = self.mixture.predict(x_t, t, self.prediction_type)
         return (out, self.mixture.h(x_t, t)) if self.return_h else out
-
-
-# ----------------------------------------------------------------------------------------------
-# sample-quality metrics
-
-
-def _flat2(x, name):
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] < 2:
-        raise ValueError(f"{name} must be a tensor [n >= 2, ...] of samples")
-    return x.reshape(x.shape[0], -1).double()
-
-
-def _sqrtm_psd(m):
-    w, v = torch.linalg.eigh((m + m.T) / 2)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) of Gaussians fitted to two
-    sample sets [n, ...] (the FID formula, on raw coordinates)."""
-    a, b = _flat2(a, "a"), _flat2(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
-    sa = _sqrtm_psd(ca)
-    cross = _sqrtm_psd(sa @ cb @ sa)
-    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(ca) + torch.trace(cb) - 2 * torch.trace(cross))
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance: sqrt of the mean over random unit directions of the squared
-    W2 between the 1-d projections (exact 1-d W2 by sorting; equal sample counts required)."""
-    a, b = _flat2(a, "a"), _flat2(b, "b")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape [n, dim], got {tuple(a.shape)} and {tuple(b.shape)}")
-    g = torch.Generator().manual_seed(int(seed))
-    dirs = torch.randn(a.shape[1], n_projections, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa = torch.sort(a @ dirs.to(a.device), dim=0).values
-    pb = torch.sort(b @ dirs.to(b.device), dim=0).values
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
-def mode_weight_error(mixture: GaussianMixture, x0: torch.Tensor) -> float:
-    """Total-variation distance between the mixture weights and the fraction of samples assigned
-    to each mode: 0.5 * sum_k |frac_k - w_k|."""
-    labels = mixture.assign(x0)
-    frac = torch.bincount(labels, minlength=mixture.n_components).double() / labels.numel()
-    return float(0.5 * (frac - mixture.weights.double().to(frac.device)).abs().sum())

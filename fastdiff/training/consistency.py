@@ -1,14 +1,6 @@
-"""Consistency models (Song, Dhariwal, Chen & Sutskever, "Consistency Models", ICML 2023) on a
-discrete VP schedule.
-
-* ``ConsistencySampler`` ("consistency"): multistep consistency sampling (Algorithm 1). Each step
-  maps x_t to the model's x0 estimate f(x_t, t) and re-noises it to the next time,
-  x_s = sqrt(ab_s) f(x_t, t) + sigma_s z; the final step returns f itself. It is the core fused
-  step with the coefficient table ``fastdiff._C.consistency_table`` (c_x0 = sqrt(ab_s),
-  std = sigma_s, no x_t or eps term), so any prediction type works: the kernel converts the
-  output to x0 first.
-* ``ConsistencyDistillation``: consistency distillation (Algorithm 2). On a grid of N teacher
-  times, for x_t = sqrt(ab_t) x + sigma_t z at grid time t and its successor s (the data after
+"""Consistency distillation (Song, Dhariwal, Chen & Sutskever, "Consistency Models", ICML 2023,
+Algorithm 2) on a discrete VP schedule; the student samples with
+``fastdiff.samplers.consistency.ConsistencySampler`` (Algorithm 1). On a grid of N teacher times, for x_t = sqrt(ab_t) x + sigma_t z at grid time t and its successor s (the data after
   the last grid time), one teacher DDIM step gives x_hat_s and the loss is
 
       w(t) d(f_theta(x_t, t), f_theta-(x_hat_s, s)),     f_theta-(x, data) = x (the boundary),
@@ -28,31 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._ext import C
-from .distill import Data, StepGrid, _bc, _check_positive_int, _Trainer, ddim_step, loss_weight, \
-    resolve_student, x0_eps
-from .kernels.vp_step import PREDICTIONS
-from .samplers import Sampler, register_sampler
+from ..engine.predictions import x0_eps
+from ..samplers.consistency import ConsistencySampler
+from .trainer import Data, StepGrid, Trainer, bc, check_positive_int, ddim_step, loss_weight, resolve_student
 
 DISTANCES = ("l2", "pseudo_huber")
 
 
-class ConsistencySampler(Sampler):
-    """Multistep consistency sampling: x_s = sqrt(ab_s) x0_hat(x_t, t) + sigma_s z, x0_hat on the
-    final step. ``steps`` = 1 is single-step generation. Takes Sampler's arguments
-    (prediction_type, timestep_spacing, timesteps, clip_sample, ...); clip_sample clamps x0_hat
-    before it is re-noised."""
-
-    name = "consistency"
-
-    def _host_table(self) -> np.ndarray:
-        return C.consistency_table(self.schedule.alphas_cumprod.numpy(), self.timesteps, self.prev_timesteps)
-
-
-register_sampler("consistency", ConsistencySampler)
-
-
-class ConsistencyDistillation(_Trainer):
+class ConsistencyDistillation(Trainer):
     """Consistency distillation of ``teacher`` into ``student`` (default: a copy of the teacher).
 
     * ``grid_steps``: N, the number of teacher DDIM steps the ODE is discretised into (timesteps
@@ -75,7 +50,7 @@ class ConsistencyDistillation(_Trainer):
                  grad_clip: Optional[float] = 1.0, optimizer: Optional[Callable] = None, seed: int = 0, device=None):
         student, student_prediction_type = resolve_student(teacher, student, teacher_prediction_type,
                                                            student_prediction_type)
-        _check_positive_int("grid_steps", grid_steps, 2)
+        check_positive_int("grid_steps", grid_steps, 2)
         if not (isinstance(target_decay, (int, float)) and 0.0 <= target_decay < 1.0):
             raise ValueError(f"target_decay must lie in [0, 1), got {target_decay!r}")
         if distance not in DISTANCES:
@@ -93,7 +68,8 @@ class ConsistencyDistillation(_Trainer):
     def consistency_fn(self, model, x_t, idx):
         """f(x_t, t) = the x0 estimate of ``model`` at grid indices ``idx`` [B]."""
         g = self.grid
-        return x0_eps(x_t, model(x_t, g.t[idx]), g.alpha[idx], g.sigma[idx], self.student_prediction_type)[0]
+        return x0_eps(x_t, model(x_t, g.t[idx]), bc(g.alpha[idx], x_t), bc(g.sigma[idx], x_t),
+                      self.student_prediction_type)[0]
 
     def _distance(self, a, b):
         d2 = (a - b).square().flatten(1)
@@ -106,7 +82,7 @@ class ConsistencyDistillation(_Trainer):
         g = self.grid
         n = torch.randint(0, self.grid_steps, (x0.shape[0],), generator=self.generator, device=self.device)
         alpha, sigma = g.alpha[n], g.sigma[n]
-        x_t = _bc(alpha, x0) * x0 + _bc(sigma, x0) * self.randn_like(x0)
+        x_t = bc(alpha, x0) * x0 + bc(sigma, x0) * self.randn_like(x0)
         with torch.no_grad():
             # The teacher integrates the ODE: evaluation mode (no dropout / batch-norm updates).
             was_training = isinstance(self.teacher, nn.Module) and self.teacher.training
@@ -120,7 +96,7 @@ class ConsistencyDistillation(_Trainer):
             # The target network is evaluated at a valid timestep for every row and then masked,
             # so the batch needs no host-side split.
             last = n + 1 >= self.grid_steps
-            target = torch.where(_bc(last, x_s).bool(), x_s,
+            target = torch.where(bc(last, x_s).bool(), x_s,
                                  self.consistency_fn(self.target, x_s, torch.clamp(n + 1, max=self.grid_steps - 1)))
         pred = self.consistency_fn(self.student, x_t, n)
         return (loss_weight(alpha, sigma, self.weighting) * self._distance(pred, target)).mean()
@@ -136,11 +112,11 @@ class ConsistencyDistillation(_Trainer):
             progress: bool = False, callback: Optional[Callable[[dict], None]] = None) -> nn.Module:
         """Train until ``iters`` iterations in total (a resumed trainer continues its count).
         ``callback(record)`` gets {"iteration", "loss"} after every iteration. Returns the student."""
-        _check_positive_int("iters", iters)
-        bar = self._progress_bar(iters, "consistency distillation", progress)
+        check_positive_int("iters", iters)
+        bar = self.progress_bar(iters, "consistency distillation", progress)
         if bar is not None:
             bar.update(min(self.iteration, iters))
-        total, count = self._train_until(data, iters, {}, bar, callback, state_path, save_every)
+        total, count = self.train_until(data, iters, {}, bar, callback, state_path, save_every)
         if count:
             self.history.append({"iterations": count, "mean_loss": total / count})
         if state_path:

@@ -1,0 +1,1 @@
+"""The engine: schedules, coefficient tables, the step options and the one step."""

@@ -1,0 +1,10 @@
+"""Samplers: each is a table builder over the one step; ``SAMPLERS`` names the built-in ones.
+A new solver goes in a file here (or the file of its family) with ``@register_sampler``."""
+from .base import Sampler, check_sample_args
+from .consistency import ConsistencySampler
+from .ocm import OCMDDIMSampler, OCMDDPMSampler
+from .registry import SAMPLERS, make_sampler, register_sampler
+from .vp import DDIMSampler, DDPMSampler
+
+__all__ = ["SAMPLERS", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "OCMDDIMSampler", "OCMDDPMSampler",
+           "Sampler", "check_sample_args", "make_sampler", "register_sampler"]

@@ -1,0 +1,251 @@
+"""The sampler base: a schedule and a step count become a float64 coefficient table; the loop
+calls the model and the one step (fastdiff.engine.step), nothing else.
+
+Model convention: ``model(x_t, t) -> output`` where ``t`` is an int64 tensor of shape [batch]
+holding the discrete timestep (diffusers' convention) and ``output`` has x_t's shape and is read
+as ``prediction_type``.
+
+Between the first and the last model call the loop does no host sync: timesteps, the step index
+and the seed are device tensors, the step reads its coefficients from the device table, and the
+noise is drawn inside the kernel.
+
+Samplers are immutable: the table is built from the configuration, so changing ``eta`` or
+``timesteps`` afterwards would silently sample with the old table. Make a new sampler instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..engine.predictions import check_prediction
+from ..engine.schedule import Schedule, next_timesteps
+from ..engine.step import StepOptions, step
+from ..engine.tables import Table
+from ..engine.kernels import philox
+
+
+def _freezing(init):
+    """Wrap an ``__init__`` so that public attributes can be set only while some ``__init__`` of
+    the object runs (a subclass's init calls its parent's: the object freezes when the outermost
+    returns)."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        depth = self.__dict__.get("_init_depth", 0)
+        object.__setattr__(self, "_init_depth", depth + 1)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            object.__setattr__(self, "_init_depth", depth)
+
+    return wrapped
+
+
+class Sampler:
+    """Base class: holds the schedule, the timesteps, the step options and the table.
+
+    Subclasses define ``name`` and ``_host_table()`` (float64 numpy [K, NCOL] from fastdiff._C)
+    and may override ``_call_model`` for extra inputs (e.g. a covariance head).
+    """
+
+    name = "base"
+    var_mode = "table"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _freezing(cls.__dict__["__init__"])
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_") and self.__dict__.get("_init_depth", 0) == 0:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot change after construction: the sampler's coefficient "
+                f"table is built from its configuration. Make a new sampler, e.g. "
+                f"{type(self).__name__}(..., {name}=...)")
+        object.__setattr__(self, name, value)
+
+    @_freezing
+    def __init__(
+        self,
+        schedule=None,
+        steps: Optional[int] = 50,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "trailing",
+        steps_offset: int = 0,
+        timesteps: Optional[Sequence[int]] = None,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        use_clipped_model_output: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        backend: Optional[str] = None,
+    ):
+        self.schedule = Schedule.coerce(schedule)
+        check_prediction(prediction_type)
+        if clip_sample and not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+        self.options = StepOptions(
+            prediction_type=prediction_type, clip_range=float(clip_sample_range) if clip_sample else None,
+            thresholding=bool(thresholding), dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
+            sample_max_value=float(sample_max_value), recompute_eps=bool(use_clipped_model_output),
+            var_mode=self.var_mode)
+        ts = self.schedule.timesteps(None if timesteps is not None else steps, timestep_spacing, steps_offset,
+                                     timesteps)
+        ts.setflags(write=False)
+        self.timesteps = ts
+        self.steps = len(ts)
+        self.prev_timesteps = next_timesteps(ts)
+        self.backend = backend
+        self.uses_noise = True  # whether steps draw noise (DDIM with eta = 0 does not)
+        ab = self.schedule.alphas_cumprod
+        if prediction_type == "epsilon" and float(ab[int(ts[0])]) == 0.0:
+            raise ValueError(
+                "alpha_bar is 0 at the first timestep (zero terminal SNR), where an epsilon prediction "
+                "cannot give x0 (it divides by sqrt(alpha_bar) = 0); use prediction_type='v_prediction' "
+                "or a spacing that does not start at the last training step")
+
+    def _replace_options(self, **changes) -> None:
+        """For subclass constructors: the base's options with some fields changed."""
+        self.options = dataclasses.replace(self.options, **changes)
+
+    # -- configuration read back ------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.options.prediction_type
+
+    @property
+    def clip_range(self) -> Optional[float]:
+        return self.options.clip_range
+
+    @property
+    def thresholding(self) -> bool:
+        return self.options.thresholding
+
+    # -- tables ---------------------------------------------------------------------------
+    def _host_table(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def table(self) -> Table:
+        """The coefficient table [steps, NCOL] (columns: ``fastdiff.COLUMNS``), built once."""
+        t = self.__dict__.get("_table")
+        if t is None:
+            t = Table(self._host_table(), rows="step", backend=self.backend)
+            self._table = t
+        return t
+
+    def device_state(self, device: torch.device):
+        """(table fp32 [K, NCOL], timesteps int64 [K], step ids int32 [K]) on ``device``, cached."""
+        device = torch.device(device)
+        cache: Dict[torch.device, tuple] = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            ts = torch.from_numpy(np.array(self.timesteps, dtype=np.int64)).to(device)
+            ids = torch.arange(self.steps, dtype=torch.int32, device=device)
+            cache[device] = (self.table.on(device), ts, ids)
+        return cache[device]
+
+    def graph_key(self) -> tuple:
+        """What a captured loop of this sampler depends on: its class, its step options and
+        table (by value), whether it draws noise, its backend preference, and the identity of
+        any callable it holds."""
+        return (type(self).__module__, type(self).__qualname__, self.options, self.table.key, self.uses_noise,
+                self.steps, self.backend) + self._extra_key()
+
+    def _extra_key(self) -> tuple:
+        return ()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _call_model(self, model, x, t):
+        """Returns (model_output, aux) where aux feeds var_mode (None for the table std)."""
+        return model(x, t), None
+
+    def loop(self, model, x: torch.Tensor, seed: torch.Tensor, *, sample_offset: int = 0,
+             progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+        """Run every step in place on ``x`` (the graph runner captures exactly this)."""
+        table, ts, ids = self.device_state(x.device)
+        # The model gets its own copy of the timesteps (one [K, B] tensor per run): a model that
+        # edits t in place cannot change the sampler's timesteps.
+        t_rows = ts.unsqueeze(1).repeat(1, x.shape[0])
+        steps: Sequence[int] = range(self.steps)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"fastdiff {self.name}", total=self.steps)
+        noise_seed = seed if self.uses_noise else None
+        for i in steps:
+            t = t_rows[i]
+            model_output, aux = self._call_model(model, x, t)
+            step(x, model_output, self.table, ids[i], self.options, seed=noise_seed, sample_offset=sample_offset,
+                 aux=aux, out=x)
+            if callback is not None:
+                callback(i, t, x)
+        return x
+
+    def sample(self, model, shape: Optional[Sequence[int]] = None, *, x: Optional[torch.Tensor] = None,
+               seed: int = 0, sample_offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
+               progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+        """Draw samples eagerly. Either ``shape`` (initial noise drawn from ``seed``) or ``x``
+        (x_T given). For a CUDA graph use ``fastdiff.sample(..., cuda_graph=True)`` or
+        ``fastdiff.GraphedSampler``.
+
+        ``sample_offset`` is the global index of the first sample of this batch: a batch split
+        into calls with matching offsets gives exactly the samples of one call.
+        ``callback(i, t, x)`` runs after each step (it must not sync the host to stay fast).
+        """
+        shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
+        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+        if x is None:
+            per_sample = math.prod(shape[1:])
+            x = philox.randn(shape, seed_t, stream=philox.STREAM_INIT, index_offset=sample_offset * per_sample,
+                             device=device, dtype=dtype, backend=self.backend)
+        else:
+            x = x.clone(memory_format=torch.contiguous_format)
+        return self.loop(model, x, seed_t, sample_offset=sample_offset, progress=progress, callback=callback)
+
+    __call__ = sample
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r}, {self.schedule})"
+
+
+def _int_like(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
+def check_sample_args(shape, x, seed, sample_offset, device, dtype):
+    """Validate the arguments of ``Sampler.sample``; returns (shape, device, dtype) of x_T."""
+    if x is None:
+        if shape is None:
+            raise ValueError("give shape (to draw x_T from the seed) or x (x_T itself)")
+        if not all(_int_like(s) for s in shape):
+            raise ValueError(f"shape must hold integers, got {tuple(shape)}")
+        shape = tuple(operator.index(s) for s in shape)
+        if len(shape) == 0 or any(s <= 0 for s in shape):
+            raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    else:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError("x must be a tensor with a batch dimension")
+        if shape is not None and tuple(shape) != tuple(x.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match x's shape {tuple(x.shape)}")
+        device, dtype = x.device, x.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if not _int_like(seed) or not 0 <= operator.index(seed) < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not _int_like(sample_offset) or not 0 <= operator.index(sample_offset) < 2**62:
+        raise ValueError(f"sample_offset must be >= 0 and an int below 2**62, got {sample_offset!r}")
+    return (tuple(x.shape) if x is not None else shape), device, dtype

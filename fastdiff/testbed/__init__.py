@@ -1,0 +1,6 @@
+"""The analytic test bed (a Gaussian mixture with exact posterior quantities) and the sample
+quality metrics measured against it."""
+from .metrics import frechet_distance, mode_weight_error, sliced_wasserstein
+from .mixture import GaussianMixture, MixtureModel
+
+__all__ = ["GaussianMixture", "MixtureModel", "frechet_distance", "mode_weight_error", "sliced_wasserstein"]

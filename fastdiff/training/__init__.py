@@ -1,0 +1,2 @@
+"""Training: progressive distillation, consistency distillation and the OCM covariance head,
+over one shared trainer (fastdiff.training.trainer)."""
