@@ -33,6 +33,8 @@ class Table:
     __slots__ = ("host", "rows", "backend_choice", "_copies", "_resolved", "_key")
 
     def __init__(self, host, *, rows: str = "step", backend: Optional[str] = None):
+        if isinstance(host, torch.Tensor):
+            host = host.detach().cpu().double().numpy()
         host = np.array(host, dtype=np.float64, copy=True)
         if host.ndim != 2 or host.shape[1] != NCOL or host.shape[0] < 1:
             raise ValueError(f"a coefficient table must be [rows >= 1, {NCOL}], got shape {host.shape}")
