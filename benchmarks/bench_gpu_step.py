@@ -1,6 +1,6 @@
 """One DDIM step (eta = 0, epsilon prediction) four ways, against a device-to-device copy:
 
-* fastdiff's fused kernel (``vp_step``: one launch, fp32 arithmetic, one pass over memory);
+* fastdiff's fused kernel (``fastdiff.step``: one launch, fp32 arithmetic, one pass over memory);
 * the same update as eager torch ops (x0 = (x - sigma_t eps)/sqrt(ab_t); x_s = c_x0 x0 + c_eps eps);
 * diffusers' ``DDIMScheduler.step`` (eta = 0, clip_sample off);
 * ``torch.compile`` of the eager function (mode max-autotune by default, one specialised graph

@@ -5,7 +5,7 @@ torch ops vs diffusers' DDIMScheduler.step, against a measured device-to-device 
     python benchmarks/bench_step.py --quick        # three sizes, fp32 only
     python benchmarks/bench_step.py --max-elements 4194304 --dtypes fp16
 
-Bytes a step must move (its floor, DESIGN.md Invariant 4): read x_t and the model output, write
+Bytes a step must move (its floor, invariant 4 of docs/design.md): read x_t and the model output, write
 x_s; in-kernel noise adds no traffic. GB/s counts those bytes; "% copy" divides by the bandwidth
 of `dst.copy_(src)` on the same device and dtype (bytes read + written), measured in the same run.
 Times are medians of many repeats after warm-up (CUDA events through triton.testing.do_bench on

@@ -3,7 +3,7 @@
 Two mixtures of tight diagonal Gaussians (per-dimension stds log-uniform in [0.005, 0.3]):
 one in 2 dimensions, one in 256. Each sampler runs with the exact network; the OCM samplers
 with the exact head h = sigma_t^2 diag nabla^2 log p_t and with an MLP head trained by
-covariance matching (fastdiff.ocm.train_head, the exact eps network frozen). Metrics against
+covariance matching (fastdiff.training.ocm.train_head, the exact eps network frozen). Metrics against
 exact samples of p_0: Frechet distance of fitted Gaussians (FD), sliced Wasserstein-2 (SW2),
 per-mode weight error (total variation of the mode occupancies). The row "exact" compares two
 independent exact sample sets: the noise floor of each metric. On the 2-d mixture OCM-DDPM

@@ -5,9 +5,9 @@ download.
 Assets (each a safetensors file whose metadata holds the JSON config needed to rebuild it):
 
 * ``demo_unet``        the diffusion model, v-prediction on a cosine schedule (1000 steps);
-* ``demo_student``, ``demo_student4``  its progressive-distillation students (``fastdiff.distill``)
+* ``demo_student``, ``demo_student4``  its progressive-distillation students (``fastdiff.training.distill``)
   for 2 and 4 DDIM steps;
-* ``demo_consistency`` a consistency-distilled copy (``fastdiff.consistency``);
+* ``demo_consistency`` a consistency-distilled copy (``fastdiff.training.consistency``);
 * ``demo_ocm_head``    a covariance head h(x_t, t) ~ sigma_t^2 diag Hessian of log p_t (OCM);
 * ``demo_classifier``  a digits classifier whose penultimate features give a Frechet distance,
   with the feature statistics of the real digits stored beside it.

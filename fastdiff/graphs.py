@@ -17,7 +17,7 @@ Design (after stable-fast's graph runner, without host scalars in the key):
   runs in place on x. A call writes the seed with ``fill_`` (a device write, no re-capture) and
   replays.
 * **Initial noise inside the graph.** When ``shape`` is given, x_T is drawn by
-  ``fastdiff.kernels.philox.randn`` from the static seed tensor as the graph's first node, so one
+  ``fastdiff.engine.kernels.philox.randn`` from the static seed tensor as the graph's first node, so one
   call is one ``fill_`` and one replay. When ``x`` is given, it is copied into the static buffer
   before the replay (a graph of its own kind: the key says which).
 * **The key** holds everything the recorded kernels depend on and nothing that changes per call:

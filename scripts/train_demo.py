@@ -2,8 +2,8 @@
 
     python scripts/train_demo.py teacher       # the diffusion UNet (v-prediction, cosine schedule)
     python scripts/train_demo.py classifier    # the digits classifier used for the quality metrics
-    python scripts/train_demo.py student       # progressive distillation of the teacher (fastdiff.distill)
-    python scripts/train_demo.py consistency   # consistency distillation of the teacher (fastdiff.consistency)
+    python scripts/train_demo.py student       # progressive distillation of the teacher (fastdiff.training.distill)
+    python scripts/train_demo.py consistency   # consistency distillation of the teacher (fastdiff.training.consistency)
     python scripts/train_demo.py head          # the OCM covariance head of the teacher
     python scripts/train_demo.py all           # all of them, in that order
 
@@ -177,7 +177,7 @@ def train_consistency(args):
 
 
 def train_head(args):
-    """The OCM covariance head of the teacher, by fastdiff.ocm.train_head (probe targets
+    """The OCM covariance head of the teacher, by fastdiff.training.ocm.train_head (probe targets
     sigma_t^2 v * Hv through the frozen teacher)."""
     from fastdiff.training.ocm import train_head as fit_head
 

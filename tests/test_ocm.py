@@ -21,7 +21,7 @@ TOL = {torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 1.6e-2}
 
 
 def f64_ocm_step(x, m, h, z, ab, t, s, *, kind, eta=0.0, cov_max=1.0, var_max=math.inf, final=False):
-    """Float64 OCM update x_t -> x_s (epsilon prediction) from alpha_bar, per DESIGN.md / Ou et al."""
+    """Float64 OCM update x_t -> x_s (epsilon prediction) from alpha_bar, per docs/design.md / Ou et al."""
     x, m, h, z = x.double(), m.double(), h.double(), z.double()
     a_t = float(ab[t])
     a_s = float(ab[s]) if s >= 0 else 1.0

@@ -19,7 +19,7 @@ class LinearModel(torch.nn.Module):
 
 
 def f64_ddim_chain(x, sampler, eta_noise=None):
-    """DDIM / DDPM chain in float64 from alpha_bar, written here from DESIGN.md."""
+    """DDIM / DDPM chain in float64 from alpha_bar, written here from docs/design.md."""
     ab = sampler.schedule.alphas_cumprod
     ts = list(sampler.timesteps)
     x = x.double()

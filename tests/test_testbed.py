@@ -1,4 +1,4 @@
-"""The analytic test bed (fastdiff.testing) against Monte Carlo, finite differences of its own
+"""The analytic test bed (fastdiff.testbed) against Monte Carlo, finite differences of its own
 log-density, and Tweedie's identities; the sample-quality metrics against closed forms."""
 import math
 

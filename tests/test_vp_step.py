@@ -1,5 +1,5 @@
 """The fused VP step kernel (through Triton's interpreter on CPU) vs its torch reference vs an
-independent float64 computation of DESIGN.md's formulas, written here from alpha_bar alone."""
+independent float64 computation of docs/design.md's formulas, written here from alpha_bar alone."""
 import math
 import types
 
@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def f64_step(x, m, i, *, kind, eta=0.0, pred="epsilon", clip=None, z=None, var="fixed_small",
              recompute=False, thresholds=None, h=None, final_ab=1.0, cov_max=1.0):
-    """Float64 update x_t -> x_s from alpha_bar (DESIGN.md), not from fastdiff's table."""
+    """Float64 update x_t -> x_s from alpha_bar (docs/design.md), not from fastdiff's table."""
     x, m = x.double(), m.double()
     t, s = int(TS[i]), int(PREV[i])
     a_t = float(AB[t])

@@ -50,7 +50,7 @@ from ..engine.tables import Table
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 # Tables kept per scheduler (one per step count / eta / timestep list; each keeps up to 4 device
-# copies of 64 KB).
+# copies of 76 KB in float32).
 _MAX_TABLES = 32
 
 

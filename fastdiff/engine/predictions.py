@@ -8,7 +8,7 @@ a = 1 - sigma, b = sigma) a model predicts one of
 * ``sample``: x0_hat;                         eps_hat = (x_t - a x0_hat) / b
 * ``flow_prediction``: u = eps - x0;          x0_hat = x_t - b u,    eps_hat = x_t + a u      (a + b = 1)
 
-The fused kernel does the same arithmetic in the same order (fastdiff/kernels/fused_step.py);
+The fused kernel does the same arithmetic in the same order (fastdiff/engine/kernels/fused_step.py);
 ``x0_eps`` is what its torch reference, training objectives and the test bed call, with ``a``
 and ``b`` 0-d tensors (one step for the batch) or broadcastable [B, 1, ...] ones (one per sample).
 """

@@ -3,7 +3,7 @@
 ``StepOptions`` (frozen, validated once, hashable: graph caches key on it) says how a model
 output is read and how the noise is widened; a ``Table`` holds the per-step coefficients;
 ``step`` validates the tensors of one call and dispatches to the fused Triton kernel or its
-plain-torch reference (fastdiff/kernels/fused_step.py). Nothing else builds a step.
+plain-torch reference (fastdiff/engine/kernels/fused_step.py). Nothing else builds a step.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def step(
     backend: Optional[str] = None,
     **option_kwargs,
 ):
-    """One fused step x_t -> x_s (fastdiff/kernels/fused_step.py has the update).
+    """One fused step x_t -> x_s (fastdiff/engine/kernels/fused_step.py has the update).
 
     Shapes: x, model_output, noise, aux, history tensors, out, x0_out, model_in_out: one shape S
     (dim 0 the batch); ``table``: a Table or a [K, NCOL] tensor on x's device; ``index``: a

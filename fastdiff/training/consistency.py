@@ -36,7 +36,7 @@ class ConsistencyDistillation(Trainer):
     * ``target_decay``: EMA decay of the target network theta- (0.95 in Song et al. for CD on
       CIFAR-10 with N = 18).
     * ``distance``: "l2" (mean squared error) or "pseudo_huber" (sqrt(|d|^2 + c^2) - c with
-      c = 0.00054 sqrt(dim), Song & Dhariwal 2023); ``weighting`` as in ``fastdiff.distill``
+      c = 0.00054 sqrt(dim), Song & Dhariwal 2023); ``weighting`` as in ``fastdiff.training.distill``
       ("uniform" is the paper's lambda = 1).
 
     ``fit(data, iters)`` trains; ``save``/``load`` write and restore the whole state;

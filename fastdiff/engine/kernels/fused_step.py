@@ -113,7 +113,7 @@ if triton is not None:
         WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
-        # int64 offsets: tensors past 2**31 elements (Invariant 6).
+        # int64 offsets: tensors past 2**31 elements (invariant 6 of docs/design.md).
         # SHIFT (0..3) aligns the Philox groups of four to global indices; a constexpr so that
         # the common SHIFT = 0 keeps offsets provably aligned and the loads vectorized.
         local = pid * BLOCK - SHIFT + tl.arange(0, BLOCK).to(tl.int64)

@@ -2,7 +2,7 @@
 
 Noise for element g at step k is a pure function of (seed, g, k, stream), so it does not depend
 on the block size, the launch grid, graph capture, or how a batch is split across calls
-(Invariant 3 of DESIGN.md). One Philox call yields four 32-bit words, turned into four normals
+(invariant 3 of docs/design.md). One Philox call yields four 32-bit words, turned into four normals
 by two Box-Muller pairs: element g takes word g % 4 of the call with counter
 (g // 4, k, stream). Using all four words makes the generator cost a quarter of one call per
 element, which keeps the noisy steps memory-bound.
