@@ -1,6 +1,7 @@
 // The one list of coefficient-table columns.
 //
-// Every solver step is  x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_h0 H0 + c_h1 H1 + std z
+// Every solver step is  x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + c_h0 H0 + c_h1 H1 + std z
+// (m the model output as it came)
 // on a Gaussian path x_t = a_t x0 + b_t eps (see docs/design.md).  A table is [rows, NCOL]
 // float64, one row per step.  C++ indexes rows through the enum below, Python reads the names
 // from fastdiff._C.COLUMNS, and the Triton kernel and the C++ CPU step read the same indices,
@@ -13,6 +14,7 @@
   X(C_X0, "c_x0")               /* coefficient of x0_hat in the update */                         \
   X(C_EPS, "c_eps")             /* coefficient of eps_hat */                                      \
   X(C_XT, "c_xt")               /* coefficient of x_t */                                          \
+  X(C_M, "c_m")                 /* coefficient of the raw model output (flow Euler: s - t) */    \
   X(C_H0, "c_h0")               /* coefficient of history tensor 0 (multistep solvers) */         \
   X(C_H1, "c_h1")               /* coefficient of history tensor 1 */                             \
   X(STD, "std")                 /* std of the injected noise (0 on noise-free steps) */           \

@@ -51,6 +51,12 @@ StepAlphas alphas_at(const TableInput& in, size_t i, double final_ab) {
   return {in.ab[in.t[i]], in.s[i] >= 0 ? in.ab[in.s[i]] : final_ab};
 }
 
+// OCM: at fixed x_t, x_s moves with x0_hat by c_x0 - c_eps a_t / b_t (eps_hat is tied to x0_hat
+// through x_t = a_t x0 + b_t eps), minus c_m / b_t for a flow-velocity term (u = (x_t - x0) / b_t).
+void set_c_cov(double* row) {
+  row[C_COV] = row[B_T] > 0.0 ? row[C_X0] - row[C_EPS] * row[A_T] / row[B_T] - row[C_M] / row[B_T] : row[C_X0];
+}
+
 void fill_common(double* row, const TableInput& in, size_t i, const StepAlphas& a) {
   row[A_T] = std::sqrt(a.ab_t);
   row[B_T] = std::sqrt(1.0 - a.ab_t);
@@ -60,9 +66,7 @@ void fill_common(double* row, const TableInput& in, size_t i, const StepAlphas& 
   row[VAR_MAX] = std::numeric_limits<double>::infinity();
   row[T] = static_cast<double>(in.t[i]);
   row[PREV_T] = static_cast<double>(in.s[i] >= 0 ? in.s[i] : -1);
-  // OCM: at fixed x_t, x_s moves with x0_hat by c_x0 - c_eps * sqrt(ab_t) / sigma_t (eps_hat is
-  // tied to x0_hat through x_t = sqrt(ab_t) x0 + sigma_t eps).
-  row[C_COV] = row[B_T] > 0.0 ? row[C_X0] - row[C_EPS] * row[A_T] / row[B_T] : row[C_X0];
+  set_c_cov(row);
 }
 
 py::array_t<double> new_table(size_t k) {
@@ -189,6 +193,78 @@ py::array_t<double> consistency_table(
   return out;
 }
 
+// --- the rectified-flow path: x_t = (1 - sigma) x0 + sigma eps, model output u = eps - x0 ------------
+
+// sigmas: [K + 1] descending in [0, 1] (the terminal value last, as diffusers keeps them);
+// timesteps: [K] what the model is called with (sigma * num_train_timesteps in diffusers).
+// kind "euler": x_s = x_t + (sigma_s - sigma_t) u, the ODE step (DDIM at eta = 0 on this path);
+// "stochastic": x_s = (1 - sigma_s) x0_hat + sigma_s z (diffusers' stochastic_sampling);
+// "ddim": x_s = a_s x0_hat + sqrt(b_s^2 - lambda^2) eps_hat + lambda z with lambda^2 = eta^2 times
+// the variance of the path's posterior q(x_s | x_t, x0), b_s^2 (b_t^2 - (a_t/a_s)^2 b_s^2) / b_t^2
+// (eta = 1: ancestral sampling on the flow path).
+// ocm widens the noise by c_cov^2 Sigma0, Sigma0 = (b_t^2 / a_t^2)(1 + h) (second-order Tweedie on
+// the path), as on the VP path.
+py::array_t<double> flow_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in, const std::string& kind,
+                               double eta, bool ocm, double clip_pixels) {
+  const auto sig = to_vec(sigmas_in, "sigmas");
+  const auto ts = to_vec(timesteps_in, "timesteps");
+  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the terminal sigma)");
+  if (ts.size() + 1 != sig.size())
+    value_error("timesteps must have one value fewer than sigmas (the terminal sigma has none), got " +
+                std::to_string(ts.size()) + " timesteps and " + std::to_string(sig.size()) + " sigmas");
+  if (kind != "euler" && kind != "stochastic" && kind != "ddim")
+    value_error("unknown flow step kind '" + kind + "': expected 'euler', 'stochastic' or 'ddim'");
+  for (size_t i = 0; i < sig.size(); ++i) {
+    if (!(sig[i] >= 0.0 && sig[i] <= 1.0))
+      value_error("sigmas must lie in [0, 1], got sigmas[" + std::to_string(i) + "] = " + fmt(sig[i]));
+    // Euler is a plain x_t + (s - t) u in any direction (diffusers' invert_sigmas runs it upwards);
+    // the stochastic and posterior steps are defined from noise towards data only.
+    if (i > 0 && kind != "euler" && !(sig[i] < sig[i - 1]))
+      value_error("sigmas must be strictly descending for the '" + kind + "' step, got sigmas[" +
+                  std::to_string(i - 1) + "] = " + fmt(sig[i - 1]) + " and sigmas[" + std::to_string(i) + "] = " +
+                  fmt(sig[i]));
+  }
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (!std::isfinite(ts[i])) value_error("timesteps must be finite, got timesteps[" + std::to_string(i) + "]");
+  if (!(std::isfinite(eta) && eta >= 0.0)) value_error("eta must be a finite number >= 0, got " + fmt(eta));
+  const size_t k = ts.size();
+  auto out = new_table(k);
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < k; ++i) {
+    double* row = tab + i * NCOL;
+    const double s_t = sig[i], s_s = sig[i + 1];
+    const double a_t = 1.0 - s_t, b_t = s_t, a_s = 1.0 - s_s, b_s = s_s;
+    row[A_T] = a_t;
+    row[B_T] = b_t;
+    row[A_S] = a_s;
+    row[B_S] = b_s;
+    if (kind == "euler") {
+      row[C_XT] = 1.0;
+      row[C_M] = s_s - s_t;
+    } else if (kind == "stochastic") {
+      row[C_X0] = a_s;
+      row[STD] = b_s;
+    } else {
+      const double alpha_ts = a_s > 0.0 ? a_t / a_s : 0.0;
+      const double var_ts = b_t * b_t - alpha_ts * alpha_ts * b_s * b_s;
+      const double posterior = b_t > 0.0 ? std::max(var_ts, 0.0) * b_s * b_s / (b_t * b_t) : 0.0;
+      const double lam2 = eta * eta * posterior;
+      row[C_X0] = a_s;
+      row[C_EPS] = std::sqrt(std::max(b_s * b_s - lam2, 0.0));
+      row[STD] = std::sqrt(lam2);
+    }
+    row[NOISE] = i + 1 < k ? 1.0 : 0.0;
+    row[COV_SCALE] = a_t > 0.0 ? (b_t * b_t) / (a_t * a_t) : std::numeric_limits<double>::infinity();
+    row[VAR_MAX] = std::numeric_limits<double>::infinity();
+    row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(row[STD] * row[STD], 1e-20));
+    row[T] = ts[i];
+    row[PREV_T] = i + 1 < k ? ts[i + 1] : -1.0;
+    set_c_cov(row);
+  }
+  if (ocm) apply_ocm(out, clip_pixels);
+  return out;
+}
+
 }  // namespace
 
 void register_tables(py::module_& m) {
@@ -201,6 +277,9 @@ void register_tables(py::module_& m) {
         "DDPM coefficient table [K, NCOL]; ocm=True widens the noise by the x0_hat covariance (OCM-DDPM).");
   m.def("consistency_table", &consistency_table, py::arg("alphas_cumprod"), py::arg("timesteps"),
         py::arg("prev_timesteps"), "Multistep consistency sampling table [K, NCOL].");
+  m.def("flow_table", &flow_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("kind") = "euler",
+        py::arg("eta") = 0.0, py::arg("ocm") = false, py::arg("clip_pixels") = 0.0,
+        "Rectified-flow coefficient table [K, NCOL] from K + 1 sigmas (euler / stochastic / ddim, optional OCM).");
   m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
         "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
 }

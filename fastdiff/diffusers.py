@@ -12,6 +12,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .dropin.ddim import DDIMScheduler, DDIMSchedulerOutput
 from .dropin.ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .dropin.flow import FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerOutput
 from .dropin.swap import swap_scheduler
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput", "swap_scheduler"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput",
+           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "swap_scheduler"]

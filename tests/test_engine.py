@@ -35,7 +35,8 @@ def random_table(rows, gen, flow=False):
     a = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.8 + 0.15
     t[:, COL["a_t"]] = a
     t[:, COL["b_t"]] = 1 - a if flow else (1 - a * a).sqrt()
-    for name, lo, hi in (("c_x0", 0.1, 1.0), ("c_eps", -0.5, 0.9), ("c_xt", -0.3, 0.8), ("c_h0", -0.7, 0.7),
+    for name, lo, hi in (("c_x0", 0.1, 1.0), ("c_eps", -0.5, 0.9), ("c_xt", -0.3, 0.8), ("c_m", -0.5, 0.5),
+                         ("c_h0", -0.7, 0.7),
                          ("c_h1", -0.4, 0.4), ("std", 0.0, 0.6), ("c_in", 0.3, 1.0)):
         t[:, COL[name]] = torch.rand(rows, generator=gen, dtype=torch.float64) * (hi - lo) + lo
     return t
@@ -54,7 +55,7 @@ def f64_general(x, m, h0, h1, z, row, pred):
         x0, eps = m, (x - a * m) / b
     else:  # flow: u = eps - x0 with a + b = 1
         x0, eps = x - b * m, x + a * m
-    xs = r["c_x0"] * x0 + r["c_eps"] * eps + r["c_xt"] * x
+    xs = r["c_x0"] * x0 + r["c_eps"] * eps + r["c_xt"] * x + r["c_m"] * m
     if h0 is not None:
         xs = xs + r["c_h0"] * h0.double()
     if h1 is not None:
@@ -238,5 +239,6 @@ def test_every_built_in_sampler_is_known_after_import_fastdiff():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     names, dropins = res.stdout.split("\n")[:2]
-    assert eval(names) == ["consistency", "ddim", "ddpm", "ocm-ddim", "ocm-ddpm"]
+    assert eval(names) == ["consistency", "ddim", "ddpm", "flow-ddim", "flow-euler", "flow-stochastic", "ocm-ddim",
+                           "ocm-ddpm", "ocm-flow"]
     assert dropins == "False"  # import fastdiff does not pull diffusers in

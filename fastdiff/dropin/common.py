@@ -68,6 +68,7 @@ class _State:
     def __init__(self):
         self.ab64: Optional[np.ndarray] = None       # alphas_cumprod as float64 (diffusers' fp32 values)
         self.host_ts: Optional[np.ndarray] = None    # host copy of the timesteps set_timesteps made
+        self.host_sigmas: Optional[np.ndarray] = None  # flow: host copy of the sigmas (float32 values)
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
         self.ts_version: Optional[int] = None        # ts_obj._version when host_ts was read
@@ -106,16 +107,6 @@ class _FastStepMixin:
         self._fd.backend = value
         self._fd.tables.clear()  # each Table resolves its backend once
 
-    def _alphas_cumprod64(self) -> np.ndarray:
-        st = self._fd
-        if st.ab64 is None:
-            # diffusers' float32 alphas_cumprod, widened exactly: the tables are then built in
-            # float64 from the very values diffusers steps with, so the two differ only by the
-            # float32 rounding of each coefficient (not by a schedule computed another way,
-            # which differs by up to ~1e-6 relative after a 1000-step float32 cumprod).
-            st.ab64 = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
-        return st.ab64
-
     # -- public extras ------------------------------------------------------------------------
     def set_noise_seed(self, seed: Optional[int]) -> None:
         """Draw step noise in-kernel from counter-based Philox keyed by (seed, element index,
@@ -134,6 +125,54 @@ class _FastStepMixin:
     @property
     def noise_seed(self) -> Optional[int]:
         return self._fd.seed
+
+    # -- tables ---------------------------------------------------------------------------------
+    def _cached_table(self, key, build) -> Table:
+        """The Table for ``key``, built by ``build()`` (float64 rows per training timestep) once."""
+        st = self._fd
+        table = st.tables.get(key)
+        if table is not None:
+            st.tables.move_to_end(key)
+        else:
+            table = st.tables[key] = Table(build(), rows="timestep", backend=st.backend)
+            while len(st.tables) > _MAX_TABLES:  # e.g. an eta that changes every call
+                st.tables.popitem(last=False)
+        return table
+
+    def _seed_tensor(self, device: torch.device) -> torch.Tensor:
+        st = self._fd
+        t = st.seed_tensors.get(device)
+        if t is None:
+            t = torch.full((1,), st.seed, dtype=torch.int64, device=device)  # a fill, no host copy
+            st.seed_tensors[device] = t
+        return t
+
+    def _noise(self, model_output, sample, generator, variance_noise):
+        """(noise tensor, seed tensor) for a step that draws: ``variance_noise`` if given, else the
+        Philox seed after set_noise_seed, else diffusers' own draw (same call, same generator)."""
+        if variance_noise is not None:
+            return variance_noise, None
+        if self._fd.seed is not None:
+            return None, self._seed_tensor(sample.device)
+        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                            dtype=model_output.dtype), None
+
+    # -- the fused update -------------------------------------------------------------------------
+
+
+class _VPStepMixin(_FastStepMixin):
+    """The VP drop-ins (DDIM, DDPM): diffusers' float32 alphas_cumprod, rows per training timestep
+    (the row of a step is its timestep), add_noise, the timestep reads without a sync."""
+
+    def _alphas_cumprod64(self) -> np.ndarray:
+        st = self._fd
+        if st.ab64 is None:
+            # diffusers' float32 alphas_cumprod, widened exactly: the tables are then built in
+            # float64 from the very values diffusers steps with, so the two differ only by the
+            # float32 rounding of each coefficient (not by a schedule computed another way,
+            # which differs by up to ~1e-6 relative after a 1000-step float32 cumprod).
+            st.ab64 = self.alphas_cumprod.detach().to("cpu", torch.float64).numpy().copy()
+        return st.ab64
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Kept for pipelines that call it (img2img). The step's row is the timestep itself, so
@@ -216,38 +255,6 @@ class _FastStepMixin:
         # (Out-of-range values cannot be checked here without a sync; diffusers fails on them too.)
         return timestep.reshape(1).to(device=device, dtype=torch.int64), None
 
-    # -- tables ---------------------------------------------------------------------------------
-    def _cached_table(self, key, build) -> Table:
-        """The Table for ``key``, built by ``build()`` (float64 rows per training timestep) once."""
-        st = self._fd
-        table = st.tables.get(key)
-        if table is not None:
-            st.tables.move_to_end(key)
-        else:
-            table = st.tables[key] = Table(build(), rows="timestep", backend=st.backend)
-            while len(st.tables) > _MAX_TABLES:  # e.g. an eta that changes every call
-                st.tables.popitem(last=False)
-        return table
-
-    def _seed_tensor(self, device: torch.device) -> torch.Tensor:
-        st = self._fd
-        t = st.seed_tensors.get(device)
-        if t is None:
-            t = torch.full((1,), st.seed, dtype=torch.int64, device=device)  # a fill, no host copy
-            st.seed_tensors[device] = t
-        return t
-
-    def _noise(self, model_output, sample, generator, variance_noise):
-        """(noise tensor, seed tensor) for a step that draws: ``variance_noise`` if given, else the
-        Philox seed after set_noise_seed, else diffusers' own draw (same call, same generator)."""
-        if variance_noise is not None:
-            return variance_noise, None
-        if self._fd.seed is not None:
-            return None, self._seed_tensor(sample.device)
-        return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                            dtype=model_output.dtype), None
-
-    # -- the fused update -------------------------------------------------------------------------
     def _options(self, recompute_eps: bool, var_mode: str) -> StepOptions:
         cfg = self.config
         if cfg.prediction_type not in _PREDICTIONS:

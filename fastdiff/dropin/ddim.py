@@ -11,9 +11,9 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from .._ext import C
 from ..engine.backend import canonical_device
 from ..engine.tables import Table
-from .common import _FastStepMixin
+from .common import _VPStepMixin
 
-class DDIMScheduler(_FastStepMixin, _DiffusersDDIMScheduler):
+class DDIMScheduler(_VPStepMixin, _DiffusersDDIMScheduler):
     """diffusers' ``DDIMScheduler`` (Song, Meng & Ermon, 2021) with fastdiff's fused step.
 
     Same constructor, config and methods as ``diffusers.DDIMScheduler``; see

@@ -12,9 +12,9 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from .._ext import C
 from ..engine.backend import canonical_device
 from ..engine.tables import Table
-from .common import _FastStepMixin, _version_of
+from .common import _VPStepMixin, _version_of
 
-class DDPMScheduler(_FastStepMixin, _DiffusersDDPMScheduler):
+class DDPMScheduler(_VPStepMixin, _DiffusersDDPMScheduler):
     """diffusers' ``DDPMScheduler`` (Ho, Jain & Abbeel, 2020) with fastdiff's fused step.
 
     Same constructor, config and methods as ``diffusers.DDPMScheduler``; see

@@ -1,4 +1,5 @@
-"""Noise schedules: betas, alpha_bar and timestep selection, computed in float64 by fastdiff._C."""
+"""Noise schedules, computed in float64 by fastdiff._C: the discrete VP schedule (betas, alpha_bar,
+timestep selection) and the rectified-flow schedule (sigmas)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,6 +8,7 @@ import numpy as np
 import torch
 
 from .._ext import C
+from .sigmas import calculate_shift, flow_sigmas
 
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine", "sigmoid")
@@ -95,3 +97,73 @@ class Schedule:
 def next_timesteps(timesteps: np.ndarray) -> np.ndarray:
     """The timestep each step goes to: the next one in the list, -1 after the last."""
     return np.append(np.asarray(timesteps[1:], dtype=np.int64), np.int64(-1))
+
+
+class FlowSchedule:
+    """A rectified-flow schedule, x_t = (1 - sigma) x0 + sigma eps (SD3, Flux, Wan, LTX, ...), with
+    the sigma rules of diffusers' ``FlowMatchEulerDiscreteScheduler`` (computed in float64 by
+    fastdiff._C): ``shift`` (sigma' = s sigma / (1 + (s - 1) sigma)), dynamic shifting by ``mu``
+    (``time_shift_type`` "exponential" or "linear"; mu from the image sequence length through
+    ``base_shift`` / ``max_shift`` / ``base_image_seq_len`` / ``max_image_seq_len`` as the pipelines
+    compute it), ``shift_terminal``, Karras / exponential / beta spacing of the sigmas. The model
+    is called with t = sigma * num_train_timesteps (diffusers' timesteps)."""
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
+                 base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
+                 max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
+                 shift_terminal: Optional[float] = None, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False):
+        if not isinstance(num_train_timesteps, (int, np.integer)) or isinstance(num_train_timesteps, bool) \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.shift = float(shift)
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        self.base_shift, self.max_shift = float(base_shift), float(max_shift)
+        self.base_image_seq_len, self.max_image_seq_len = int(base_image_seq_len), int(max_image_seq_len)
+        self.time_shift_type = str(time_shift_type)
+        self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
+        self.use_karras_sigmas = bool(use_karras_sigmas)
+        self.use_exponential_sigmas = bool(use_exponential_sigmas)
+        self.use_beta_sigmas = bool(use_beta_sigmas)
+        # Validated here, once: a bad configuration fails at construction, not at the first sample.
+        self.sigmas(2, mu=0.0 if self.use_dynamic_shifting else None)
+
+    @classmethod
+    def coerce(cls, schedule) -> "FlowSchedule":
+        """A FlowSchedule from a FlowSchedule, a dict of keyword arguments, or None (defaults)."""
+        if schedule is None:
+            return cls()
+        if isinstance(schedule, FlowSchedule):
+            return schedule
+        if isinstance(schedule, dict):
+            return cls(**schedule)
+        raise TypeError(f"a flow schedule must be a FlowSchedule or a dict, got {type(schedule).__name__}")
+
+    def mu(self, image_seq_len: int) -> float:
+        """mu for an image of ``image_seq_len`` latent tokens (the pipelines' calculate_shift)."""
+        return calculate_shift(image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift,
+                               self.max_shift)
+
+    def sigmas(self, steps: Optional[int] = None, *, mu: Optional[float] = None, image_seq_len=None,
+               sigmas: Optional[Sequence[float]] = None, timesteps: Optional[Sequence[float]] = None):
+        """(sigmas [K + 1] ending in 0, timesteps [K] = sigma * N), float64, for ``steps`` steps or
+        an explicit ``sigmas`` / ``timesteps`` list. With dynamic shifting, give ``mu`` or
+        ``image_seq_len``."""
+        if image_seq_len is not None:
+            if mu is not None:
+                raise ValueError("give mu or image_seq_len, not both")
+            mu = self.mu(image_seq_len)
+        if mu is not None and not self.use_dynamic_shifting:
+            raise ValueError("mu (or image_seq_len) applies with use_dynamic_shifting=True only")
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu or image_seq_len")
+        return flow_sigmas(steps, num_train_timesteps=self.num_train_timesteps, shift=self.shift,
+                           use_dynamic_shifting=self.use_dynamic_shifting, mu=mu, time_shift_type=self.time_shift_type,
+                           shift_terminal=self.shift_terminal, use_karras_sigmas=self.use_karras_sigmas,
+                           use_exponential_sigmas=self.use_exponential_sigmas, use_beta_sigmas=self.use_beta_sigmas,
+                           sigmas=sigmas, timesteps=timesteps)
+
+    def __repr__(self) -> str:
+        return (f"FlowSchedule(num_train_timesteps={self.num_train_timesteps}, shift={self.shift}, "
+                f"dynamic={self.use_dynamic_shifting})")

@@ -1,9 +1,10 @@
-"""The sampler base: a schedule and a step count become a float64 coefficient table; the loop
-calls the model and the one step (fastdiff.engine.step), nothing else.
+"""The sampler base: a configuration becomes a float64 coefficient table; the loop calls the
+model and the one step (fastdiff.engine.step), nothing else.
 
-Model convention: ``model(x_t, t) -> output`` where ``t`` is an int64 tensor of shape [batch]
-holding the discrete timestep (diffusers' convention) and ``output`` has x_t's shape and is read
-as ``prediction_type``.
+Model convention: ``model(x_t, t) -> output`` where ``t`` is a tensor of shape [batch] holding
+the timestep (int64 discrete timesteps on the VP path, float32 sigma * num_train_timesteps on
+the flow path, as diffusers' schedulers hand them) and ``output`` has x_t's shape and is read as
+``prediction_type``.
 
 Between the first and the last model call the loop does no host sync: timesteps, the step index
 and the seed are device tensors, the step reads its coefficients from the device table, and the
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from ..engine.predictions import check_prediction
-from ..engine.schedule import Schedule, next_timesteps
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
 from ..engine.kernels import philox
@@ -48,14 +48,17 @@ def _freezing(init):
 
 
 class Sampler:
-    """Base class: holds the schedule, the timesteps, the step options and the table.
-
-    Subclasses define ``name`` and ``_host_table()`` (float64 numpy [K, NCOL] from fastdiff._C)
-    and may override ``_call_model`` for extra inputs (e.g. a covariance head).
+    """Base class of every sampler: the step options, the timesteps the model sees, the table,
+    the loop. Subclasses (one per path: fastdiff.samplers.vp, fastdiff.samplers.flow) set the
+    timesteps in their constructor, define ``name`` and ``_host_table()`` (float64 numpy
+    [K, NCOL] from fastdiff._C) and may override ``_call_model`` for extra inputs (e.g. a
+    covariance head). ``timestep_dtype`` is what the model gets: int64 discrete timesteps on the
+    VP path (diffusers' convention), float32 sigma * N on the flow path.
     """
 
     name = "base"
     var_mode = "table"
+    timestep_dtype = torch.int64
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -73,13 +76,8 @@ class Sampler:
     @_freezing
     def __init__(
         self,
-        schedule=None,
-        steps: Optional[int] = 50,
         *,
         prediction_type: str = "epsilon",
-        timestep_spacing: str = "trailing",
-        steps_offset: int = 0,
-        timesteps: Optional[Sequence[int]] = None,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         use_clipped_model_output: bool = False,
@@ -88,7 +86,6 @@ class Sampler:
         sample_max_value: float = 1.0,
         backend: Optional[str] = None,
     ):
-        self.schedule = Schedule.coerce(schedule)
         check_prediction(prediction_type)
         if clip_sample and not clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
@@ -97,20 +94,14 @@ class Sampler:
             thresholding=bool(thresholding), dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
             sample_max_value=float(sample_max_value), recompute_eps=bool(use_clipped_model_output),
             var_mode=self.var_mode)
-        ts = self.schedule.timesteps(None if timesteps is not None else steps, timestep_spacing, steps_offset,
-                                     timesteps)
-        ts.setflags(write=False)
-        self.timesteps = ts
-        self.steps = len(ts)
-        self.prev_timesteps = next_timesteps(ts)
         self.backend = backend
         self.uses_noise = True  # whether steps draw noise (DDIM with eta = 0 does not)
-        ab = self.schedule.alphas_cumprod
-        if prediction_type == "epsilon" and float(ab[int(ts[0])]) == 0.0:
-            raise ValueError(
-                "alpha_bar is 0 at the first timestep (zero terminal SNR), where an epsilon prediction "
-                "cannot give x0 (it divides by sqrt(alpha_bar) = 0); use prediction_type='v_prediction' "
-                "or a spacing that does not start at the last training step")
+
+    def _set_timesteps(self, timesteps: np.ndarray) -> None:
+        """For subclass constructors: the timesteps the model is called with, one per step."""
+        timesteps.setflags(write=False)
+        self.timesteps = timesteps
+        self.steps = len(timesteps)
 
     def _replace_options(self, **changes) -> None:
         """For subclass constructors: the base's options with some fields changed."""
@@ -147,7 +138,7 @@ class Sampler:
         device = torch.device(device)
         cache: Dict[torch.device, tuple] = self.__dict__.setdefault("_device_cache", {})
         if device not in cache:
-            ts = torch.from_numpy(np.array(self.timesteps, dtype=np.int64)).to(device)
+            ts = torch.from_numpy(np.array(self.timesteps)).to(device=device, dtype=self.timestep_dtype)
             ids = torch.arange(self.steps, dtype=torch.int32, device=device)
             cache[device] = (self.table.on(device), ts, ids)
         return cache[device]
@@ -212,7 +203,8 @@ class Sampler:
     __call__ = sample
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r}, {self.schedule})"
+        return (f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r}, "
+                f"{getattr(self, 'schedule', None)})")
 
 
 def _int_like(v) -> bool:

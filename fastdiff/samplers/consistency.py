@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from .._ext import C
-from .base import Sampler
 from .registry import register_sampler
+from .vp import VPSampler
 
 
 @register_sampler
-class ConsistencySampler(Sampler):
+class ConsistencySampler(VPSampler):
     """Multistep consistency sampling: x_s = sqrt(ab_s) x0_hat(x_t, t) + sigma_s z, x0_hat on the
     final step. ``steps`` = 1 is single-step generation. Takes Sampler's arguments
     (prediction_type, timestep_spacing, timesteps, clip_sample, ...); clip_sample clamps x0_hat

@@ -1,4 +1,5 @@
-"""DDIM and DDPM on a discrete VP schedule: two C++ tables for the one step."""
+"""The discrete VP path (x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps): ``VPSampler`` (schedule and
+timestep selection) and DDIM / DDPM, two C++ tables for the one step."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,36 @@ from typing import Optional
 import numpy as np
 
 from .._ext import C
+from ..engine.schedule import Schedule, next_timesteps
 from .base import Sampler
 from .registry import register_sampler
+
+
+class VPSampler(Sampler):
+    """A sampler on a discrete VP schedule: ``schedule`` (a Schedule, a name or a dict), ``steps``
+    timesteps chosen by ``timestep_spacing`` (diffusers' rules, ``steps_offset`` for leading) or
+    an explicit descending ``timesteps`` list; the model gets int64 timesteps. Other keywords:
+    Sampler's (prediction_type, clip_sample, thresholding, backend, ...)."""
+
+    def __init__(self, schedule=None, steps: Optional[int] = 50, *, timestep_spacing: str = "trailing",
+                 steps_offset: int = 0, timesteps=None, **kw):
+        super().__init__(**kw)
+        if self.prediction_type == "flow_prediction":
+            raise ValueError("flow_prediction is a velocity on the flow path (a + b = 1); use a flow sampler "
+                             "(sampler='flow-euler', ...) with a FlowSchedule")
+        self.schedule = Schedule.coerce(schedule)
+        ts = self.schedule.timesteps(None if timesteps is not None else steps, timestep_spacing, steps_offset,
+                                     timesteps)
+        self._set_timesteps(ts)
+        prev = next_timesteps(ts)
+        prev.setflags(write=False)
+        self.prev_timesteps = prev
+        ab = self.schedule.alphas_cumprod
+        if self.prediction_type == "epsilon" and float(ab[int(ts[0])]) == 0.0:
+            raise ValueError(
+                "alpha_bar is 0 at the first timestep (zero terminal SNR), where an epsilon prediction "
+                "cannot give x0 (it divides by sqrt(alpha_bar) = 0); use prediction_type='v_prediction' "
+                "or a spacing that does not start at the last training step")
 
 
 def check_eta(eta) -> float:
@@ -19,7 +48,7 @@ def check_eta(eta) -> float:
 
 
 @register_sampler
-class DDIMSampler(Sampler):
+class DDIMSampler(VPSampler):
     """DDIM (Song, Meng & Ermon, 2021, eq. 12) with stochasticity eta:
     x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - lambda^2) eps_hat + lambda z,
     lambda^2 = eta^2 (1 - ab_s)/(1 - ab_t) (1 - ab_t/ab_s). eta = 0 is deterministic, eta = 1
@@ -60,7 +89,7 @@ class DDIMSampler(Sampler):
 
 
 @register_sampler
-class DDPMSampler(Sampler):
+class DDPMSampler(VPSampler):
     """DDPM ancestral sampling (Ho, Jain & Abbeel, 2020) on any timestep subsequence:
     x_s = sqrt(ab_s) beta_{t|s}/(1 - ab_t) x0_hat + sqrt(ab_t/ab_s) (1 - ab_s)/(1 - ab_t) x_t + sqrt(v) z
     with v = beta_tilde ("fixed_small") or beta_{t|s} ("fixed_large"); no noise on the last step.

@@ -3,12 +3,13 @@
 
     x0_hat, eps_hat = predict(x_t, model_output)     # epsilon / v_prediction / sample / flow_prediction
     x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b   (dynamic thresholding)
-    x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_h0 H0 + c_h1 H1 + std_ z
+    x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + c_h0 H0 + c_h1 H1 + std_ z
     model_in = c_in x_s                                  (optional: the next model input, scaled)
 
 with ``std_`` the table's std (var mode "table"), sqrt(min(std^2 + c_cov^2 Sigma0, var_max)) with
 the OCM posterior variance Sigma0 = clamp(cov_scale (1 + h), 0, cov_max) ("ocm"), or the model's
 learned variance ("learned_range": log-space interpolation, "learned": the variance itself).
+m is the model output as it came (flow Euler is x_t + (sigma_s - sigma_t) u, computed in that form);
 H0, H1 are history tensors a multistep solver keeps; x0_hat can be written out for the next step.
 
 The file holds, in order: the Triton kernel, its launcher ``launch`` (layout and launch only:
@@ -49,6 +50,7 @@ if triton is not None:
     COL_C_X0 = tl.constexpr(COL["c_x0"])
     COL_C_EPS = tl.constexpr(COL["c_eps"])
     COL_C_XT = tl.constexpr(COL["c_xt"])
+    COL_C_M = tl.constexpr(COL["c_m"])
     COL_C_H0 = tl.constexpr(COL["c_h0"])
     COL_C_H1 = tl.constexpr(COL["c_h1"])
     COL_STD = tl.constexpr(COL["std"])
@@ -109,7 +111,7 @@ if triton is not None:
         thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr,
         n, g_base, per_sample, clip_range, cov_max, n_rows,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
-        NOISE: tl.constexpr, VAR_MODE: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
+        NOISE: tl.constexpr, VAR_MODE: tl.constexpr, RAW_M: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
         WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -159,6 +161,8 @@ if triton is not None:
             eps = (x - a_t * x0) / b_t
 
         x_s = c_x0 * x0 + c_eps * eps + c_xt * x
+        if RAW_M:
+            x_s = x_s + tl.load(row + COL_C_M) * m
         if N_HIST >= 1:
             h0 = tl.load(h0_ptr + _offsets(local, dims, strides, T_H0, STRIDED), mask=mask,
                          other=0.0).to(tl.float32)
@@ -261,13 +265,14 @@ def _layout_tensor(shape, tensors, device) -> torch.Tensor:
     return lay
 
 
-def launch(x, model_output, table, step, options, *, n_rows, thresholds=None, noise=None, seed=None,
+def launch(x, model_output, table, step, options, *, n_rows, raw_m=True, thresholds=None, noise=None, seed=None,
            index_offset=0, aux=None, history=(), out, x0_out=None, model_in_out=None):
     """Launch the kernel on inputs ``fastdiff.engine.step`` has validated: every tensor of x's
     shape S (any strides, rank <= 4 when not contiguous), ``table`` [K, NCOL] float32 contiguous
     on x's device, ``step`` and ``seed`` one-element int tensors there, ``thresholds`` [B]
     float32, ``index_offset`` the global index of x's first element, ``n_rows`` = K (the kernel
-    clamps the row index into [0, K)). Writes ``out`` (may be x)."""
+    clamps the row index into [0, K)), ``raw_m`` whether the table's c_m column is used (False
+    skips its load and multiply). Writes ``out`` (may be x)."""
     shape = tuple(x.shape)
     n = x.numel()
     if n == 0:
@@ -285,7 +290,7 @@ def launch(x, model_output, table, step, options, *, n_rows, thresholds=None, no
         # More than 4 dimensions and not contiguous: run on contiguous copies.
         ins = [t.contiguous() if t is not None else None for t in tensors[:6]]
         outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[6:]]
-        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, thresholds=thresholds, noise=ins[3], seed=seed,
+        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, raw_m=raw_m, thresholds=thresholds, noise=ins[3], seed=seed,
                index_offset=index_offset, aux=ins[2], history=tuple(t for t in ins[4:6] if t is not None),
                out=outs[0], x0_out=outs[1], model_in_out=outs[2])
         for final, tmp in zip(tensors[6:], outs):
@@ -307,7 +312,7 @@ def launch(x, model_output, table, step, options, *, n_rows, thresholds=None, no
         PRED=PREDICTION_CODES[options.prediction_type], CLIP=options.clip_range is not None,
         THRESH=thresholds is not None, RECOMPUTE_EPS=options.recompute_eps,
         NOISE=1 if noise is not None else (2 if seed is not None else 0),
-        VAR_MODE=VAR_MODES[options.var_mode], N_HIST=len(history), WRITE_X0=x0_out is not None,
+        VAR_MODE=VAR_MODES[options.var_mode], RAW_M=bool(raw_m), N_HIST=len(history), WRITE_X0=x0_out is not None,
         WRITE_IN=model_in_out is not None,
         STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
         BLOCK=block, SHIFT=shift, num_warps=warps,
@@ -328,7 +333,7 @@ def _launch_config(n: int):
 # reference
 
 
-def reference(x, model_output, table, step, options, *, thresholds=None, noise=None, seed=None,
+def reference(x, model_output, table, step, options, *, raw_m=True, thresholds=None, noise=None, seed=None,
               index_offset=0, aux=None, history=(), need_x0=True, need_model_in=False):
     """Plain-torch version of the kernel, in float32 (float64 if the table is float64).
     Returns (x_s, x0_hat or None, model_in or None) in x's dtype. No host sync: the step row is
@@ -347,6 +352,10 @@ def reference(x, model_output, table, step, options, *, thresholds=None, noise=N
     if options.recompute_eps:
         eps = torch.addcmul(xf, x0, -a_t).div_(b_t)
     x_s = (c_x0 * x0).addcmul_(eps, c_eps).addcmul_(xf, c_xt)
+    if raw_m:
+        # The product rounded first, then added: x_t + (sigma_s - sigma_t) u exactly as diffusers
+        # writes the flow Euler step, so that the two agree bit for bit in float32.
+        x_s = x_s.add_(m * row[COL["c_m"]])
     for h, col in zip(history, ("c_h0", "c_h1")):
         x_s = x_s.addcmul_(h.to(cdt), row[COL[col]])
     if noise is not None or seed is not None:
