@@ -51,6 +51,11 @@ StepAlphas alphas_at(const TableInput& in, size_t i, double final_ab) {
   return {in.ab[in.t[i]], in.s[i] >= 0 ? in.ab[in.s[i]] : final_ab};
 }
 
+// OCM's Sigma0 = cov_scale (1 + h) with cov_scale = b_t^2 / a_t^2 has no value where a_t = 0 (pure
+// noise: sigma = 1 on the flow path, zero terminal SNR on VP). A huge finite cov_scale gives the
+// limit the clamp defines: Sigma0 = cov_max where h > -1 and 0 where h = -1 (inf * 0 would be NaN).
+constexpr double kPureNoiseCovScale = 1e30;
+
 // OCM: at fixed x_t, x_s moves with x0_hat by c_x0 - c_eps a_t / b_t (eps_hat is tied to x0_hat
 // through x_t = a_t x0 + b_t eps), minus c_m / b_t for a flow-velocity term (u = (x_t - x0) / b_t).
 void set_c_cov(double* row) {
@@ -62,7 +67,7 @@ void fill_common(double* row, const TableInput& in, size_t i, const StepAlphas& 
   row[B_T] = std::sqrt(1.0 - a.ab_t);
   row[A_S] = std::sqrt(a.ab_s);
   row[B_S] = std::sqrt(std::max(1.0 - a.ab_s, 0.0));
-  row[COV_SCALE] = a.ab_t > 0.0 ? (1.0 - a.ab_t) / a.ab_t : std::numeric_limits<double>::infinity();
+  row[COV_SCALE] = a.ab_t > 0.0 ? (1.0 - a.ab_t) / a.ab_t : kPureNoiseCovScale;
   row[VAR_MAX] = std::numeric_limits<double>::infinity();
   row[T] = static_cast<double>(in.t[i]);
   row[PREV_T] = static_cast<double>(in.s[i] >= 0 ? in.s[i] : -1);
@@ -217,9 +222,9 @@ py::array_t<double> flow_table(const DoubleArray& sigmas_in, const DoubleArray& 
   for (size_t i = 0; i < sig.size(); ++i) {
     if (!(sig[i] >= 0.0 && sig[i] <= 1.0))
       value_error("sigmas must lie in [0, 1], got sigmas[" + std::to_string(i) + "] = " + fmt(sig[i]));
-    // Euler is a plain x_t + (s - t) u in any direction (diffusers' invert_sigmas runs it upwards);
-    // the stochastic and posterior steps are defined from noise towards data only.
-    if (i > 0 && kind != "euler" && !(sig[i] < sig[i - 1]))
+    // Euler and the stochastic step are plain formulas in any direction (diffusers' invert_sigmas
+    // runs them upwards); the posterior step and OCM are defined from noise towards data only.
+    if (i > 0 && (kind == "ddim" || ocm) && !(sig[i] < sig[i - 1]))
       value_error("sigmas must be strictly descending for the '" + kind + "' step, got sigmas[" +
                   std::to_string(i - 1) + "] = " + fmt(sig[i - 1]) + " and sigmas[" + std::to_string(i) + "] = " +
                   fmt(sig[i]));
@@ -254,7 +259,7 @@ py::array_t<double> flow_table(const DoubleArray& sigmas_in, const DoubleArray& 
       row[STD] = std::sqrt(lam2);
     }
     row[NOISE] = i + 1 < k ? 1.0 : 0.0;
-    row[COV_SCALE] = a_t > 0.0 ? (b_t * b_t) / (a_t * a_t) : std::numeric_limits<double>::infinity();
+    row[COV_SCALE] = a_t > 0.0 ? (b_t * b_t) / (a_t * a_t) : kPureNoiseCovScale;
     row[VAR_MAX] = std::numeric_limits<double>::infinity();
     row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(row[STD] * row[STD], 1e-20));
     row[T] = ts[i];

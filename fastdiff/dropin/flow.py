@@ -97,10 +97,10 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
             return float(np.float32(timestep))
         if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
             return None
-        if timestep.device.type == "cpu":
-            return float(timestep.to(torch.float32))
         st = self._fd
         ts = st.ts_obj
+        # An element of our own unedited timesteps tensor (what `for t in scheduler.timesteps`
+        # yields) is named by its storage offset, which is host metadata.
         if (ts is not None and self.__dict__.get("timesteps") is ts and _version_of(ts) == st.ts_version
                 and ts.dim() == 1 and ts.stride(0) == 1 and ts.device == timestep.device
                 and ts.dtype == timestep.dtype
@@ -108,6 +108,8 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
             i = timestep.storage_offset() - ts.storage_offset()
             if 0 <= i < len(st.host_ts):
                 return float(st.host_ts[i])
+        if timestep.device.type == "cpu":
+            return float(timestep.to(torch.float32))  # a host read, no device to wait for
         return None
 
     def _init_step_index(self, timestep) -> None:

@@ -3,22 +3,30 @@ from __future__ import annotations
 
 from .ddim import DDIMScheduler, _DiffusersDDIMScheduler
 from .ddpm import DDPMScheduler, _DiffusersDDPMScheduler
+from .flow import FlowMatchEulerDiscreteScheduler, _DiffusersFlowMatchEuler
+
+# diffusers' class -> fastdiff's drop-in for it; one row per drop-in.
+DROPINS = (
+    (_DiffusersDDIMScheduler, DDIMScheduler),
+    (_DiffusersDDPMScheduler, DDPMScheduler),
+    (_DiffusersFlowMatchEuler, FlowMatchEulerDiscreteScheduler),
+)
 
 
 def swap_scheduler(pipe):
-    """Replace a pipeline's diffusers DDIM/DDPM scheduler by fastdiff's, in place; returns ``pipe``.
+    """Replace a pipeline's diffusers scheduler by fastdiff's drop-in for its class, in place (the
+    config carries over); returns ``pipe``.
 
     Needed for pipelines whose constructor rebuilds the scheduler (``DDIMPipeline.__init__`` does
     ``DDIMScheduler.from_config(scheduler.config)`` with diffusers' class): assign after
     construction, which is what this does."""
     current = getattr(pipe, "scheduler", None)
-    if isinstance(current, (DDIMScheduler, DDPMScheduler)):
+    if any(isinstance(current, fast) for _, fast in DROPINS):
         return pipe
-    if isinstance(current, _DiffusersDDIMScheduler):
-        pipe.scheduler = DDIMScheduler.from_config(current.config)
-    elif isinstance(current, _DiffusersDDPMScheduler):
-        pipe.scheduler = DDPMScheduler.from_config(current.config)
-    else:
-        raise ValueError(f"swap_scheduler replaces DDIMScheduler or DDPMScheduler, got "
-                         f"{type(current).__name__}; use DDIMScheduler.from_config(pipe.scheduler.config)")
-    return pipe
+    for theirs, fast in DROPINS:
+        if isinstance(current, theirs):
+            pipe.scheduler = fast.from_config(current.config)
+            return pipe
+    names = ", ".join(theirs.__name__ for theirs, _ in DROPINS)
+    raise ValueError(f"swap_scheduler replaces {names}; got {type(current).__name__}, which has no fastdiff "
+                     "drop-in yet")

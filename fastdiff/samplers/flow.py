@@ -49,6 +49,9 @@ class FlowSampler(Sampler):
         if not sig[-1] < sig[0]:
             raise ValueError("the flow samplers integrate from noise towards data: sigmas must descend "
                              "(invert_sigmas is a diffusers drop-in option only)")
+        if prediction_type == "epsilon" and sig[0] >= 1.0:
+            raise ValueError("an epsilon prediction cannot give x0 at sigma = 1 (x_t is pure noise, a = 0); use "
+                             "prediction_type='flow_prediction' or 'sample', or sigmas that start below 1")
         sig = np.array(sig, dtype=np.float64)
         sig.setflags(write=False)
         self.sigmas = sig
