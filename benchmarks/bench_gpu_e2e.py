@@ -16,9 +16,9 @@ samples and diffusers' scheduler loop from the same x_T. Speedups are over the d
 in the same run.
 
 Order, most wanted first: every configuration without torch.compile, then the compiles, batch 1
-first (the end-to-end target is at batch 1). A compile that would pass the deadline (its time
-estimated by the slowest one so far) is a skipped row. Without diffusers (not on the GPU machine
-unless its wheels travel in .whl/) the table is one row saying so.
+first (the end-to-end target is at batch 1). A compile that would pass the deadline (estimated
+by bench_gpu_common.compile_estimate) is a skipped row. Without diffusers (not on the GPU
+machine unless its wheels travel in .whl/) the table is one row saying so.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 import fastdiff
-from bench_gpu_common import (DTYPES, Deadline, Table, add_suite_args, attempt, error_text, fmt_time,
-                              import_diffusers, pick_device, provenance, quiet_graph_fallback, sync, time_call)
+from bench_gpu_common import (DTYPES, Deadline, Table, add_suite_args, attempt, compile_estimate, error_text,
+                              fmt_time, import_diffusers, pick_device, provenance, quiet_graph_fallback, sync,
+                              time_call)
 
 # No UNet compile has been timed on the GPU machine: this guess stands until the first one is.
 COMPILE_GUESS_S = 60.0
@@ -212,10 +213,10 @@ def main(argv=None) -> int:
             if args.compile_mode == "none":
                 status(cells, "skipped: " + no_compile)
                 continue
-            est = max(seen) if seen else args.compile_guess
+            est = compile_estimate(seen, args.compile_guess)
             refused = deadline.refuses(est + 3 * args.min_time + 2.0)
             if refused:
-                why = (f"the slowest compile so far took {est:.0f} s" if seen
+                why = (f"estimated from the last compile, {seen[-1]:.1f} s" if seen
                        else f"a compile is guessed at {est:.0f} s, none timed yet")
                 status(cells, f"{refused}; {why}")
                 continue

@@ -20,7 +20,8 @@ rotate over several buffer sets so that a working set above the L2 size is read 
 
 Order, most wanted first (the phase may be cut short): the large sizes (16M, 64M: the bandwidth
 target is about them) without torch.compile, then torch.compile at the large sizes, then the small
-sizes, then their compiles. A compile that would pass the deadline is a "skipped" row.
+sizes, then their compiles. A compile that would pass the deadline (estimated by
+bench_gpu_common.compile_estimate) is a "skipped" row.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import fastdiff
-from bench_gpu_common import (DTYPES, Deadline, Table, add_suite_args, attempt, fmt_time, import_diffusers,
-                              pick_device, provenance, sync, time_call)
+from bench_gpu_common import (DTYPES, Deadline, Table, add_suite_args, attempt, compile_estimate, fmt_time,
+                              import_diffusers, pick_device, provenance, sync, time_call)
 
 LARGE = [("16M", (64, 4, 256, 256)), ("64M", (256, 4, 256, 256))]
 SMALL = [("1M", (16, 4, 128, 128)), ("16K", (1, 4, 64, 64))]
@@ -299,10 +300,10 @@ class StepBench:
         label = f"step/{size_name}/{dname}/{fam.name}/{op}"
         if self.args.compile_mode == "none":
             return self.row(key, op, status="skipped: " + self.args.no_compile_reason)
-        est = max(self.compile_seen) if self.compile_seen else self.args.compile_guess
+        est = compile_estimate(self.compile_seen, self.args.compile_guess)
         refused = self.deadline.refuses(est + 2.0)  # + the timing itself
         if refused:
-            why = (f"the slowest compile so far took {est:.0f} s" if self.compile_seen
+            why = (f"estimated from the last compile, {self.compile_seen[-1]:.1f} s" if self.compile_seen
                    else f"a compile is guessed at {est:.0f} s, none timed yet")
             return self.row(key, op, status=f"{refused}; {why}")
         got, err = attempt(label + " setup", lambda: self.buffers(fam, size_name, shape, dname))
@@ -351,8 +352,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_suite_args(p, "step")
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
-    p.add_argument("--families", default=None,
-                   help="comma-separated substrings of family names (default: all): " + ", ".join(f.name for f in FAMILIES))
+    p.add_argument("--families", default=None, help="comma-separated substrings of family names (default: "
+                                                     "all): " + ", ".join(f.name for f in FAMILIES))
     p.add_argument("--sizes", default=None, help="comma-separated size labels (default: all): 16M,64M,1M,16K")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode; 'none' skips it. Default max-autotune-no-cudagraphs: max-autotune's "

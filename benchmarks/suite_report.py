@@ -70,9 +70,11 @@ def tests_section(log: str) -> List[str]:
     if bad:
         out += ["", "| test | outcome | reason |", "|---|---|---|"]
         for k in dict.fromkeys(bad):
-            out.append(f"| `{k}` | {outcomes.get(k, 'FAILED')} | {reasons.get(k, '') or 'see suite.log'} |".replace("\n", " "))
+            reason = (reasons.get(k, "") or "see suite.log").replace("|", "\\|")
+            out.append(f"| `{k}` | {outcomes.get(k, 'FAILED')} | {reason} |")
     if skip_reasons:
-        out += ["", "skipped: " + "; ".join(f"{n} × {r}" for r, n in sorted(skip_reasons.items(), key=lambda kv: -kv[1]))]
+        by_count = sorted(skip_reasons.items(), key=lambda kv: -kv[1])
+        out += ["", "skipped: " + "; ".join(f"{n} × {r}" for r, n in by_count)]
     return out + [""]
 
 
