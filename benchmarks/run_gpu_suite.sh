@@ -196,7 +196,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader \
     > "$WORK/smi.txt" 2>/dev/null && setup_line "* nvidia-smi: $(head -n1 "$WORK/smi.txt")"
 python3 - >> "$WORK/setup.md" 2>&1 <<'EOF'
-import importlib.util, platform, torch
+import importlib.util, platform, sys, torch
 import fastdiff
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"* device: {dev}; torch {torch.__version__} (CUDA {torch.version.cuda}); python {platform.python_version()}")
@@ -208,8 +208,10 @@ for name in ("triton", "diffusers"):
 print(f"* fastdiff {fastdiff.__version__} from {fastdiff.__file__}; _C from {fastdiff._C.__file__}")
 print("* pytest-timeout: " + ("present" if importlib.util.find_spec("pytest_timeout") else
                               "ABSENT: no per-test timeout, a hung test costs the rest of the tests phase"))
+sys.path.insert(0, "benchmarks")
+from bench_gpu_common import source_hash
+print(f"* source hash {source_hash()} (`python benchmarks/bench_gpu_common.py --source-hash` in a checkout)")
 EOF
-setup_line "* source hash $(python3 benchmarks/bench_gpu_common.py --source-hash 2>/dev/null) (python benchmarks/bench_gpu_common.py --source-hash in a checkout)"
 cat "$WORK/setup.md"
 if [[ $BUILT == FAILED* ]]; then
     record setup FAILED $(( $(date +%s) - t0 )) "fastdiff._C could not be built or loaded: every phase skipped"
