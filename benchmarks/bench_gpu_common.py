@@ -215,8 +215,13 @@ def source_hash(root: Path = ROOT) -> str:
 
 
 def _version(module: str) -> str:
+    """The imported module's version, else the installed distribution's: importing diffusers only
+    for its version costs ~5 s on the CPU machine, and a benchmark that uses it has imported it."""
+    if module in sys.modules:
+        return getattr(sys.modules[module], "__version__", "?")
     try:
-        return __import__(module).__version__
+        from importlib.metadata import version
+        return version(module) + " (installed, not imported)"
     except Exception:
         return "absent"
 
