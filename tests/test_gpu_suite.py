@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastdiff
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -74,6 +76,8 @@ def test_injected_failure_through_the_script(tmp_path, monkeypatch):
     """The dry mode of the real script with FASTDIFF_SUITE_INJECT: the ddpm fused row fails, the
     script says so in its exit status, and every other row is there."""
     monkeypatch.setenv("FASTDIFF_SUITE_INJECT", "error:step/*/ddpm*/fastdiff fused")
+    # importing diffusers costs ~5 s here; its rows are not what this test is about
+    monkeypatch.setattr(step, "import_diffusers", lambda: (None, "diffusers not imported (test)"))
     rc = step.main(["--dry", "--dtypes", "fp32", "--sizes", "dry 1x3x5x7", "--out", str(tmp_path)])
     assert rc == 1
     recs = json.loads((tmp_path / "step.json").read_text())["records"]
@@ -133,3 +137,16 @@ def test_results_md_from_a_cut_off_run(tmp_path):
     assert "| 16M | fastdiff fused | error: RuntimeError: boom |" in text
     # a table cell never breaks the markdown table
     assert common._cell("a|b\nc") == "a\\|b c"
+
+
+@pytest.mark.parametrize("fam", step.FAMILIES, ids=lambda f: f.name)
+def test_eager_rows_compute_the_fused_update(fam, monkeypatch):
+    """The 'eager torch ops' (and torch.compile) rows time the same update as the fused row: with
+    the noise set to zero both give the step's mean (fp32, random inputs, an odd shape)."""
+    ctx = step.make_context(fam, torch.device("cpu"), "torch", None)
+    b = step.make_buffers(fam, (2, 3, 5, 7), torch.float32, torch.device("cpu"), 1)[0]
+    kw = {"var_mode": "ocm", "aux": b["h"]} if "h" in fam.inputs else {}
+    mean = fastdiff.vp_step(b["x"], b["eps"], ctx.table, ctx.step, backend="torch", **kw)
+    monkeypatch.setattr(torch, "randn_like", lambda t, **k: torch.zeros_like(t, **k))
+    eager = fam.eager(ctx.coef, *step.tensors_of(fam, b))
+    torch.testing.assert_close(eager, mean, rtol=1e-5, atol=1e-5)
