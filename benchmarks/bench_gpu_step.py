@@ -1,18 +1,27 @@
-"""One DDIM step (eta = 0, epsilon prediction) four ways, against a device-to-device copy:
+"""One sampler step of every update family, five ways, against a device-to-device copy:
 
-* fastdiff's fused kernel (``fastdiff.step``: one launch, fp32 arithmetic, one pass over memory);
-* the same update as eager torch ops (x0 = (x - sigma_t eps)/sqrt(ab_t); x_s = c_x0 x0 + c_eps eps);
-* diffusers' ``DDIMScheduler.step`` (eta = 0, clip_sample off);
-* ``torch.compile`` of the eager function (mode max-autotune by default, one specialised graph
-  per size and dtype; the compile time, autotuning included, is its own column).
+* ``copy``: ``dst.copy_(src)``, the bandwidth a step is held against;
+* ``fastdiff fused``: the family's fused kernel (one launch, fp32 arithmetic, one pass over memory);
+* ``eager torch ops``: the same update written as plain torch ops, as a user would;
+* ``diffusers``: the matching diffusers scheduler's ``step`` (where diffusers has one);
+* ``torch.compile``: the eager function compiled (dynamic=False, one graph per size and dtype;
+  the first call's time, autotuning included, in its own column).
 
-    python benchmarks/bench_gpu_step.py                 # all sizes and dtypes (GPU)
-    python benchmarks/bench_gpu_step.py --quick         # small sizes, fp32: checks the script on a CPU
+    python benchmarks/bench_gpu_step.py                         # every family, size and dtype (GPU)
+    python benchmarks/bench_gpu_step.py --dry                   # tiny sizes: checks the script on a CPU
+    python benchmarks/bench_gpu_step.py --families ocm --sizes 16M --dtypes bf16   # rerun a subset
 
-GB/s counts the bytes a step must move (read x_t and eps, write x_s: 3 n bytes-per-element);
-"% copy" divides by the bandwidth of ``dst.copy_(src)`` (2 n bytes-per-element) measured in the
-same run at the same size and dtype. Inputs rotate over several buffer sets so that a working
-set above the L2 size is read from memory, not from the cache.
+A family is one entry of FAMILIES (the sampler whose coefficient table the step reads, the extra
+tensors it reads, the fused call, the eager update, the diffusers step): adding one (flow Euler,
+a multistep solver with history) adds its rows everywhere. GB/s counts the bytes a step must move
+(every tensor it reads once, its output written once); "% copy" divides by the bandwidth of
+``copy_`` (2 n bytes-per-element) measured in the same run at the same size and dtype. Inputs
+rotate over several buffer sets so that a working set above the L2 size is read from memory.
+
+Order, most wanted first (the phase may be cut short): the large sizes (16M, 64M: the bandwidth
+target is about them) without torch.compile, then torch.compile at the large sizes, then the small
+sizes, then their compiles. A compile that would pass the deadline (estimated by
+bench_gpu_common.compile_estimate) is a "skipped" row.
 """
 from __future__ import annotations
 
@@ -20,151 +29,414 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import fastdiff
-from bench_gpu_common import DTYPES, Table, fmt_time, pick_device, provenance, sync, time_call
-from fastdiff.engine.step import step as vp_step
+from bench_gpu_common import (DTYPES, Deadline, Table, add_suite_args, attempt, compile_estimate, fmt_time,
+                              import_diffusers, pick_device, provenance, sync, time_call)
 
-SIZES = [
-    ("1x4x64x64", (1, 4, 64, 64)),
-    ("16x4x128x128 (1M)", (16, 4, 128, 128)),
-    ("64x4x256x256 (16M)", (64, 4, 256, 256)),
-    ("256x4x256x256 (64M)", (256, 4, 256, 256)),
+LARGE = [("16M", (64, 4, 256, 256)), ("64M", (256, 4, 256, 256))]
+SMALL = [("1M", (16, 4, 128, 128)), ("16K", (1, 4, 64, 64))]
+# The dry run: one even and one odd shape, enough to run every code path on a CPU in seconds.
+DRY_LARGE = [("dry 2x4x16x16", (2, 4, 16, 16))]
+DRY_SMALL = [("dry 1x3x5x7", (1, 3, 5, 7))]
+ROTATE_BYTES = 256 * 2**20  # rotate inputs over at least this much memory (H200 L2: 60 MB)
+STEPS, STEP_INDEX = 50, 10  # the table row a step reads: step 10 of 50 (t = 780 with leading spacing)
+# No compile has been timed on the GPU machine yet: this guess stands until the first compile of
+# the run replaces it with a measured figure (the largest seen so far).
+COMPILE_GUESS_S = 30.0
+
+
+@dataclass
+class StepContext:
+    """What every variant of one family at one size needs, built once."""
+    device: torch.device
+    backend: str
+    table: torch.Tensor  # the sampler's device table [K, NCOL] fp32
+    step: torch.Tensor  # the device step index (int32, one element)
+    seed: torch.Tensor  # the device seed (int64, one element)
+    coef: Dict[str, float]  # the host row STEP_INDEX by column name (float64 -> Python floats)
+    timestep: int  # the model timestep of that row
+    diffusers: object = None  # the diffusers module, or None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One update family of the step benchmark.
+
+    ``inputs``: the tensors the step reads besides x_t and the model output, name -> "x" (x's
+    dtype) or a torch dtype name ("float32": OCM's h stays fp32 whatever x's dtype).
+    ``fused(ctx, bufs)`` writes ``bufs["out"]``; ``eager(coef, x, model_output, *inputs)`` is the
+    plain-torch update (timed eagerly and under torch.compile); ``diffusers(ctx)`` returns a
+    callable of ``bufs`` doing diffusers' step, or None, with ``no_diffusers`` saying why."""
+    name: str
+    sampler: Callable[[], object]
+    fused: Callable[[StepContext, Dict[str, torch.Tensor]], object]
+    eager: Callable[..., torch.Tensor]
+    inputs: Dict[str, str] = field(default_factory=dict)
+    diffusers: Optional[Callable[[StepContext], Callable[[Dict[str, torch.Tensor]], object]]] = None
+    no_diffusers: str = ""
+
+
+def _x0_eps(c, x, eps):
+    return (x - c["b_t"] * eps) / c["a_t"], eps
+
+
+def eager_ddim(c, x, eps):
+    """DDIM (eta = 0): x_s = c_x0 x0_hat + c_eps eps_hat, x0_hat = (x_t - sigma_t eps)/sqrt(ab_t)."""
+    x0, eps = _x0_eps(c, x, eps)
+    return c["c_x0"] * x0 + c["c_eps"] * eps
+
+
+def eager_ddpm(c, x, eps):
+    """DDPM ancestral: x_s = c_x0 x0_hat + c_xt x_t + std z, z from torch's generator."""
+    x0, _ = _x0_eps(c, x, eps)
+    return c["c_x0"] * x0 + c["c_xt"] * x + c["std"] * torch.randn_like(x)
+
+
+def eager_ocm(c, x, eps, h):
+    """OCM: the base mean, noise widened per element by Sigma0 = clamp(cov_scale (1 + h), 0, 1)."""
+    x0, eps = _x0_eps(c, x, eps)
+    mean = c["c_x0"] * x0 + c["c_eps"] * eps + c["c_xt"] * x
+    sigma0 = (c["cov_scale"] * (1.0 + h)).clamp(0.0, 1.0)
+    var = (c["std"] ** 2 + c["c_cov"] ** 2 * sigma0).clamp(max=c["var_max"])
+    return (mean + var.sqrt() * torch.randn_like(h)).to(x.dtype)
+
+
+def eager_flow_euler(c, x, u):
+    """Flow-matching Euler: x_s = x_t + (sigma_s - sigma_t) u."""
+    return x + c["c_m"] * u
+
+
+def _check_timestep(sched, ctx: StepContext) -> int:
+    t = int(sched.timesteps[STEP_INDEX])
+    if t != ctx.timestep:
+        raise ValueError(f"diffusers' timestep {STEP_INDEX} is {t} but fastdiff's table row is for {ctx.timestep}: "
+                         "the two schedules disagree, so the rows would not compare the same step")
+    return t
+
+
+def diffusers_ddim(ctx: StepContext):
+    sched = ctx.diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    sched.set_timesteps(STEPS)
+    t = _check_timestep(sched, ctx)
+    return lambda b: sched.step(b["eps"], t, b["x"], eta=0.0)
+
+
+def diffusers_ddpm(ctx: StepContext):
+    sched = ctx.diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    sched.set_timesteps(STEPS)
+    t = _check_timestep(sched, ctx)
+    gen = torch.Generator(device=ctx.device).manual_seed(0)
+    return lambda b: sched.step(b["eps"], t, b["x"], generator=gen)
+
+
+def diffusers_flow(ctx: StepContext):
+    sched = ctx.diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[STEP_INDEX]
+
+    def run(b):
+        sched._step_index = STEP_INDEX  # the same row on every call
+        return sched.step(b["eps"], t, b["x"])
+
+    return run
+
+
+def _vp(ctx, b, **kw):
+    return fastdiff.step(b["x"], b["eps"], ctx.table, ctx.step, out=b["out"], backend=ctx.backend, **kw)
+
+
+# Clipping and dynamic thresholding are off in every row: thresholding adds a per-sample quantile
+# (torch's, before the fused step), which is not what this table measures.
+FAMILIES: List[Family] = [
+    Family("ddim eta=0",
+           lambda: fastdiff.DDIMSampler(steps=STEPS, eta=0.0, timestep_spacing="leading", prev_timestep_rule="ratio"),
+           fused=lambda ctx, b: _vp(ctx, b), eager=eager_ddim, diffusers=diffusers_ddim),
+    Family("ddpm, noise in-kernel",
+           lambda: fastdiff.DDPMSampler(steps=STEPS, timestep_spacing="leading"),
+           fused=lambda ctx, b: _vp(ctx, b, seed=ctx.seed), eager=eager_ddpm, diffusers=diffusers_ddpm),
+    Family("ocm-ddim eta=0, noise in-kernel",
+           lambda: fastdiff.OCMDDIMSampler(steps=STEPS, eta=0.0, timestep_spacing="leading",
+                                           prev_timestep_rule="ratio"),
+           fused=lambda ctx, b: _vp(ctx, b, seed=ctx.seed, var_mode="ocm", aux=b["h"], cov_max=1.0),
+           eager=eager_ocm, inputs={"h": "float32"}, no_diffusers="diffusers has no OCM step"),
+    Family("flow euler",
+           lambda: fastdiff.FlowEulerSampler(dict(shift=3.0), STEPS),
+           fused=lambda ctx, b: _vp(ctx, b, prediction_type="flow_prediction"), eager=eager_flow_euler,
+           diffusers=diffusers_flow),
 ]
-QUICK_SIZES = [("1x4x64x64", (1, 4, 64, 64)), ("4x4x64x64", (4, 4, 64, 64))]
-ROTATE_BYTES = 256 * 2**20  # rotate inputs over at least this much memory (H100 L2: 50 MB)
 
 
-def ddim_update(x, eps, a_t: float, s_t: float, c_x0: float, c_eps: float):
-    """The deterministic DDIM step as plain torch ops (the eager baseline and the compiled one)."""
-    x0 = (x - s_t * eps) / a_t
-    return c_x0 * x0 + c_eps * eps
+def make_context(fam: Family, device, backend, diffusers) -> StepContext:
+    sampler = fam.sampler()
+    table, ts, ids = sampler.device_state(device)
+    row = sampler.table.host[STEP_INDEX]
+    coef = {name: float(row[i]) for i, name in enumerate(fastdiff.COLUMNS)}
+    return StepContext(device=device, backend=backend, table=table, step=ids[STEP_INDEX],
+                       seed=torch.tensor([1], dtype=torch.int64, device=device), coef=coef,
+                       timestep=int(sampler.timesteps[STEP_INDEX]), diffusers=diffusers)
+
+
+def make_buffers(fam: Family, shape, dtype, device, sets: int) -> List[Dict[str, torch.Tensor]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    bufs = []
+    for _ in range(sets):
+        b = {"x": torch.randn(shape, generator=gen, device=device, dtype=dtype),
+             "eps": torch.randn(shape, generator=gen, device=device, dtype=dtype)}
+        for name, kind in fam.inputs.items():
+            dt = dtype if kind == "x" else getattr(torch, kind)
+            # h ~ sigma_t^2 diag(Hessian of log p_t): about -1..0 for data in [-1, 1]
+            b[name] = torch.randn(shape, generator=gen, device=device, dtype=dt).mul_(0.2).sub_(0.5)
+        b["out"] = torch.empty_like(b["x"])
+        bufs.append(b)
+    return bufs
+
+
+def bytes_moved(b: Dict[str, torch.Tensor]) -> int:
+    """Every tensor read once and the output written once: the floor of what a step moves."""
+    return sum(t.numel() * t.element_size() for t in b.values())
+
+
+def tensors_of(fam: Family, b: Dict[str, torch.Tensor]) -> tuple:
+    """The eager update's tensor arguments: x_t, the model output, then the family's inputs."""
+    return (b["x"], b["eps"]) + tuple(b[k] for k in fam.inputs)
+
+
+class Rotor:
+    """Hands out the next buffer set on each call, so consecutive calls miss the L2."""
+
+    def __init__(self, bufs):
+        self.bufs, self.k = bufs, 0
+
+    def __call__(self):
+        self.k = (self.k + 1) % len(self.bufs)
+        return self.bufs[self.k]
+
+
+def rotation(device, n: int, bytes_per_element: int) -> int:
+    """Buffer sets to rotate over: at least ROTATE_BYTES in all on a GPU, at most 32 sets."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(32, math.ceil(ROTATE_BYTES / (n * bytes_per_element))))
+
+
+class StepBench:
+    """The variant loop. Every variant runs through ``attempt`` (a failure is an error row) after
+    asking the deadline (what no longer fits is a skipped row), so the table always goes on."""
+
+    def __init__(self, args, families: List[Family], device, tab: Table, deadline: Deadline, diffusers=None,
+                 diffusers_missing: str = "diffusers not importable"):
+        self.args, self.families, self.device, self.tab, self.deadline = args, families, device, tab, deadline
+        self.diffusers, self.diffusers_missing = diffusers, diffusers_missing
+        self.backend = "triton" if device.type == "cuda" else "torch"
+        self.counts = {"ok": 0, "error": 0, "skipped": 0}
+        self.copy_bw: Dict[Tuple[str, str], float] = {}
+        self.fused_s: Dict[Tuple[str, str, str], float] = {}
+        self.compile_seen: List[float] = []
+        self.contexts: Dict[str, StepContext] = {}
+
+    # -- rows ---------------------------------------------------------------------------------
+    def row(self, key, op, sec=None, moved=None, vs=None, first=None, status=None):
+        if status is not None:
+            self.counts[status.split(":", 1)[0]] += 1
+            self.tab.add_status(list(key) + [op], status, dict(size=key[0], dtype=key[1], family=key[2], op=op))
+            return
+        self.counts["ok"] += 1
+        ref_bw = self.copy_bw.get(key[:2])
+        bw = moved / sec
+        self.tab.add(list(key) + [op, fmt_time(sec), f"{bw / 1e9:.0f}", f"{100 * bw / ref_bw:.0f}%" if ref_bw else "-",
+                                  f"{sec / vs:.2f}x" if vs else "-", fmt_time(first) if first is not None else "-"],
+                     dict(size=key[0], dtype=key[1], family=key[2], op=op, seconds=sec, bytes=moved, gbps=bw / 1e9,
+                          pct_copy=100 * bw / ref_bw if ref_bw else None, first_call_seconds=first))
+
+    def timed(self, label, fn, needs=1.0):
+        """(seconds per call, None) or (None, the reason for a status row). ``needs``: 4 warm-up
+        calls + min_time (0.1 s) of timed calls, and a Triton compile on a variant's first launch
+        (about a second; a guess, not timed on the GPU machine)."""
+        refused = self.deadline.refuses(needs)
+        if refused:
+            return None, refused
+        return attempt(label, lambda: time_call(fn, self.device, min_time=self.args.min_time))
+
+    # -- variants -----------------------------------------------------------------------------
+    def copy_row(self, size_name, shape, dname):
+        dt = DTYPES[dname]
+        key = (size_name, dname, "-")
+        refused = self.deadline.refuses(1.0)
+        if refused:
+            return self.row(key, "copy", status=refused)
+
+        def setup():
+            # sources rotate too: one 16M fp16 source (32 MB) would be read from the 60 MB L2
+            n, esz = math.prod(shape), torch.empty((), dtype=dt).element_size()
+            sets = rotation(self.device, n, 2 * esz)
+            pairs = [(torch.randn(shape, device=self.device, dtype=dt),
+                      torch.empty(shape, device=self.device, dtype=dt)) for _ in range(sets)]
+            return Rotor(pairs), 2 * n * esz
+
+        got, err = attempt(f"step/{size_name}/{dname}/-/copy setup", setup)
+        if err:
+            return self.row(key, "copy", status=err)
+        rot, moved = got
+
+        def copy():
+            src, dst = rot()
+            dst.copy_(src)
+
+        sec, err = self.timed(f"step/{size_name}/{dname}/-/copy", copy)
+        if sec is not None:
+            self.copy_bw[key[:2]] = moved / sec
+        self.row(key, "copy", sec, moved, status=err)
+
+    def buffers(self, fam: Family, size_name, shape, dname):
+        """(context, rotor over buffer sets, bytes a step moves), or raises."""
+        if fam.name not in self.contexts:
+            self.contexts[fam.name] = make_context(fam, self.device, self.backend, self.diffusers)
+        dt = DTYPES[dname]
+        esz = torch.empty((), dtype=dt).element_size()
+        per_element = 3 * esz + sum(esz if k == "x" else torch.empty((), dtype=getattr(torch, k)).element_size()
+                                    for k in fam.inputs.values())
+        bufs = make_buffers(fam, shape, dt, self.device, rotation(self.device, math.prod(shape), per_element))
+        return self.contexts[fam.name], Rotor(bufs), bytes_moved(bufs[0])
+
+    def plain_rows(self, fam: Family, size_name, shape, dname):
+        key, label = (size_name, dname, fam.name), f"step/{size_name}/{dname}/{fam.name}"
+        got, err = attempt(label + "/setup", lambda: self.buffers(fam, size_name, shape, dname))
+        if err:
+            return self.row(key, "setup", status=err)
+        ctx, rot, moved = got
+        sec, err = self.timed(label + "/fastdiff fused", lambda: fam.fused(ctx, rot()))
+        if sec is not None:
+            self.fused_s[key] = sec
+        self.row(key, "fastdiff fused", sec, moved, status=err)
+        sec, err = self.timed(label + "/eager torch ops", lambda: fam.eager(ctx.coef, *tensors_of(fam, rot())))
+        self.row(key, "eager torch ops", sec, moved, self.fused_s.get(key), status=err)
+        if fam.diffusers is None or self.diffusers is None:
+            return self.row(key, "diffusers", status="skipped: " + (fam.no_diffusers or self.diffusers_missing))
+        step_fn, err = attempt(label + "/diffusers setup", lambda: fam.diffusers(ctx))
+        if err:
+            return self.row(key, "diffusers", status=err)
+        sec, err = self.timed(label + "/diffusers", lambda: step_fn(rot()))
+        self.row(key, "diffusers", sec, moved, self.fused_s.get(key), status=err)
+
+    def compile_row(self, fam: Family, size_name, shape, dname):
+        mode = self.args.compile_mode
+        key, op = (size_name, dname, fam.name), "torch.compile" + ("" if mode == "none" else f" ({mode})")
+        label = f"step/{size_name}/{dname}/{fam.name}/{op}"
+        if self.args.compile_mode == "none":
+            return self.row(key, op, status="skipped: " + self.args.no_compile_reason)
+        est = compile_estimate(self.compile_seen, self.args.compile_guess)
+        refused = self.deadline.refuses(est + 2.0)  # + the timing itself
+        if refused:
+            why = (f"estimated from the last compile, {self.compile_seen[-1]:.1f} s" if self.compile_seen
+                   else f"a compile is guessed at {est:.0f} s, none timed yet")
+            return self.row(key, op, status=f"{refused}; {why}")
+        got, err = attempt(label + " setup", lambda: self.buffers(fam, size_name, shape, dname))
+        if err:
+            return self.row(key, op, status=err)
+        ctx, rot, moved = got
+        coef = ctx.coef
+
+        def update(*tensors):
+            return fam.eager(coef, *tensors)
+
+        def first_call():
+            torch._dynamo.reset()  # one graph per row: dynamo falls back to eager after 8 recompiles
+            compiled = torch.compile(update, mode=self.args.compile_mode, dynamic=False)
+            tensors = tensors_of(fam, rot())
+            sync(self.device)
+            t0 = time.perf_counter()
+            compiled(*tensors)
+            sync(self.device)
+            return compiled, time.perf_counter() - t0
+
+        got, err = attempt(label, first_call)
+        if err:
+            return self.row(key, op, status=err)
+        compiled, first = got
+        self.compile_seen.append(first)
+        sec, err = attempt(label + " timing", lambda: time_call(lambda: compiled(*tensors_of(fam, rot())), self.device,
+                                                                min_time=self.args.min_time))
+        self.row(key, op, sec, moved, self.fused_s.get(key), first=first, status=err)
+
+    def run(self, plan) -> Dict[str, int]:
+        """``plan``: (sizes, with_compile) passes in order. Returns the rows by status."""
+        for sizes, with_compile in plan:
+            for size_name, shape in sizes:
+                for dname in self.args.dtypes:
+                    if not with_compile:
+                        self.copy_row(size_name, shape, dname)
+                    for fam in self.families:
+                        (self.compile_row if with_compile else self.plain_rows)(fam, size_name, shape, dname)
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()  # 64M fp32 sets are 1 GB: free before the next
+        return self.counts
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="two small sizes, fp32, short timings")
+    add_suite_args(p, "step")
     p.add_argument("--dtypes", default="fp32,fp16,bf16")
-    p.add_argument("--max-elements", type=int, default=None)
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode; 'none' skips compile")
-    p.add_argument("--compile-budget", type=float, default=150.0,
-                   help="seconds of compiling after which the remaining sizes skip torch.compile")
-    p.add_argument("--min-time", type=float, default=0.2)
-    p.add_argument("--out", default=None, help="directory for step.md / step.json")
+    p.add_argument("--families", default=None, help="comma-separated beginnings of family names (default: "
+                                                     "all): " + ", ".join(f.name for f in FAMILIES))
+    p.add_argument("--sizes", default=None, help="comma-separated size labels (default: all): 16M,64M,1M,16K")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode; 'none' skips it. Default max-autotune-no-cudagraphs: max-autotune's "
+                        "kernel tuning (max_autotune, coordinate_descent_tuning) without its CUDA graph, whose replay "
+                        "copies every input tensor into the graph's own buffer (torch/_inductor/cudagraph_trees.py, "
+                        "_copy_inputs_and_remove_from_src): for DDIM 4 more passes over memory than the update's 3")
+    p.add_argument("--compile-guess", type=float, default=None,
+                   help=f"seconds a compile is assumed to take until one is timed (default {COMPILE_GUESS_S:.0f})")
+    p.add_argument("--min-time", type=float, default=0.1, help="seconds of timed calls per variant")
     args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.compile_mode is None:  # a quick CPU check skips minutes of inductor compiling
-        args.compile_mode = "none" if args.quick and device.type != "cuda" else "max-autotune"
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if any(d not in DTYPES for d in dtypes):
-        p.error(f"--dtypes must be chosen from {sorted(DTYPES)}, got {dtypes}")
-    sizes = SIZES
-    if args.quick:
-        sizes, dtypes, args.min_time = QUICK_SIZES, ["fp32"], min(args.min_time, 0.05)
-    if args.max_elements:
-        sizes = [s for s in sizes if math.prod(s[1]) <= args.max_elements]
-
-    steps, i = 50, 10
-    sampler = fastdiff.DDIMSampler(steps=steps, eta=0.0, timestep_spacing="leading", prev_timestep_rule="ratio")
-    table, ts, ids = sampler.device_state(device)
-    row = sampler.table.host[i]
-    col = fastdiff.COLUMNS.index
-    a_t, s_t, c_x0, c_eps = (float(row[col(k)]) for k in ("a_t", "b_t", "c_x0", "c_eps"))
-    try:
-        from diffusers import DDIMScheduler
-        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-        sched.set_timesteps(steps)
-        t_diff = sched.timesteps[i]
-        assert int(t_diff) == int(ts[i]), "diffusers and fastdiff disagree on the timesteps"
-    except ImportError:
-        sched = None
+    device = pick_device(args.device, args.dry)
+    args.no_compile_reason = "--compile-mode none"
+    if args.compile_mode is None:
+        if args.dry and device.type != "cuda":
+            args.compile_mode = "none"
+            args.no_compile_reason = "dry run on a CPU (inductor takes minutes on a few cores; pass --compile-mode)"
+        else:
+            args.compile_mode = "max-autotune-no-cudagraphs"
+    args.compile_guess = COMPILE_GUESS_S if args.compile_guess is None else args.compile_guess
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if any(d not in DTYPES for d in args.dtypes):
+        p.error(f"--dtypes must be chosen from {sorted(DTYPES)}, got {args.dtypes}")
+    families = FAMILIES
+    if args.families:
+        want = [w.strip() for w in args.families.split(",") if w.strip()]
+        families = [f for f in FAMILIES if any(f.name.startswith(w) for w in want)]
+        if not families:
+            p.error(f"--families {args.families!r} matches none of {[f.name for f in FAMILIES]}")
+    large, small = (DRY_LARGE, DRY_SMALL) if args.dry else (LARGE, SMALL)
+    if args.dry:
+        args.min_time = min(args.min_time, 0.01)
+    if args.sizes:
+        keep = {s.strip() for s in args.sizes.split(",")}
+        known = {s for s, _ in large + small}
+        if not keep <= known:
+            p.error(f"--sizes must be chosen from {sorted(known)}, got {sorted(keep)}")
+        large, small = [s for s in large if s[0] in keep], [s for s in small if s[0] in keep]
+    plan = [(large, False), (large, True), (small, False), (small, True)]
+    diffusers, diffusers_missing = import_diffusers()
+    deadline = Deadline.from_args(args)
     backend = "triton" if device.type == "cuda" else "torch"
-    prov = provenance(device)
     tab = Table("Step kernel: fused vs eager torch vs diffusers vs torch.compile",
-                ["size", "dtype", "op", "time", "GB/s", "% copy", "time / fused"], prov,
-                notes=[f"DDIM eta=0 step {i}/{steps}; fastdiff path: {backend}; torch.compile mode: "
-                       f"{args.compile_mode} (compile time, autotuning included, on its own row; max-autotune "
-                       "runs the compiled step in a CUDA graph, which copies non-static inputs into its "
-                       "buffers on each call)."])
+                ["size", "dtype", "family", "op", "time", "GB/s", "% copy", "time / fused", "first call"],
+                provenance(device, args.dry),
+                notes=[f"Step {STEP_INDEX}/{STEPS} of each family's table, clip and thresholding off; fastdiff path: "
+                       f"{backend}" + ("" if backend == "triton" else " (the plain-torch reference, not the kernel)")
+                       + f"; torch.compile mode {args.compile_mode}, dynamic=False (first call = compile + "
+                       "autotune). GB/s: bytes the step must move (each input read once, the output written once) "
+                       "/ time; % copy: against copy_ at the same size and dtype; noise in eager and compiled "
+                       "rows is torch's randn, in fused rows fastdiff's in-kernel Philox."])
     tab.autosave(args.out, "step")
-    compile_spent = 0.0
-    for size_name, shape in sizes:
-        n = math.prod(shape)
-        for dname in dtypes:
-            dt = DTYPES[dname]
-            esz = torch.empty((), dtype=dt).element_size()
-            sets = max(1, min(32, math.ceil(ROTATE_BYTES / (3 * n * esz)))) if device.type == "cuda" else 1
-            gen = torch.Generator(device=device).manual_seed(0)
-            xs = [torch.randn(shape, generator=gen, device=device, dtype=dt) for _ in range(sets)]
-            ms = [torch.randn(shape, generator=gen, device=device, dtype=dt) for _ in range(sets)]
-            outs = [torch.empty_like(xs[0]) for _ in range(sets)]
-            k = [0]
-
-            def rot():
-                k[0] = (k[0] + 1) % sets
-                return k[0]
-
-            def copy():
-                j = rot()
-                outs[j].copy_(xs[j])
-
-            def fused():
-                j = rot()
-                vp_step(xs[j], ms[j], table, ids[i], out=outs[j], backend=backend)
-
-            def eager():
-                j = rot()
-                ddim_update(xs[j], ms[j], a_t, s_t, c_x0, c_eps)
-
-            def diffusers_step():
-                j = rot()
-                sched.step(ms[j], t_diff, xs[j], eta=0.0)
-
-            copy_s = time_call(copy, device, min_time=args.min_time)
-            copy_bw = 2 * n * esz / copy_s
-            results = {}
-
-            def report(op, sec, moved=3 * n * esz, extra=None):
-                bw = moved / sec
-                results[op] = sec
-                vs = f"{sec / results['fastdiff fused']:.2f}x" if "fastdiff fused" in results else "-"
-                tab.add([size_name, dname, op, fmt_time(sec), f"{bw / 1e9:.0f}", f"{100 * bw / copy_bw:.0f}%", vs],
-                        dict(size=size_name, elements=n, dtype=dname, op=op, seconds=sec, gbps=bw / 1e9,
-                             pct_copy=100 * bw / copy_bw, **(extra or {})))
-
-            report("copy", copy_s, moved=2 * n * esz)
-            report("fastdiff fused", time_call(fused, device, min_time=args.min_time))
-            report("eager torch ops", time_call(eager, device, min_time=args.min_time))
-            if sched is not None:
-                report("diffusers DDIMScheduler.step", time_call(diffusers_step, device, min_time=args.min_time))
-            if args.compile_mode != "none":
-                if compile_spent > args.compile_budget:
-                    tab.add([size_name, dname, "torch.compile", "skipped (compile budget spent)", "-", "-", "-"])
-                else:
-                    torch._dynamo.reset()
-                    compiled = torch.compile(ddim_update, mode=args.compile_mode, dynamic=False)
-                    sync(device)
-                    t0 = time.perf_counter()
-                    compiled(xs[0], ms[0], a_t, s_t, c_x0, c_eps)
-                    sync(device)
-                    ctime = time.perf_counter() - t0
-                    compile_spent += ctime
-
-                    def comp():
-                        j = rot()
-                        compiled(xs[j], ms[j], a_t, s_t, c_x0, c_eps)
-
-                    report(f"torch.compile ({args.compile_mode})", time_call(comp, device, min_time=args.min_time),
-                           extra=dict(compile_seconds=ctime))
-                    tab.add([size_name, dname, "  compile time (first call)", fmt_time(ctime), "-", "-", "-"])
-            del xs, ms, outs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    tab.save(args.out, "step")
-    return 0
+    counts = StepBench(args, families, device, tab, deadline, diffusers, diffusers_missing).run(plan)
+    print(f"\nstep: {counts['ok']} rows measured, {counts['error']} errors, {counts['skipped']} skipped", flush=True)
+    return 1 if counts["error"] else 0
 
 
 if __name__ == "__main__":

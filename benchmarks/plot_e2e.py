@@ -15,7 +15,8 @@ def plot(json_path, png_path) -> Path:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(json_path).read_text())
-    recs = [r for r in data["records"] if r.get("loop") != "compile"]
+    # measured rows only: error / skipped rows (a "status" key) and compile-time rows have no speedup
+    recs = [r for r in data["records"] if r.get("speedup") is not None and "status" not in r]
     configs = sorted({(r["batch"], r["resolution"]) for r in recs}, key=lambda c: (c[1], c[0]))
     loops = [name for name in dict.fromkeys(r["loop"] for r in recs)]
     speed = {(r["batch"], r["resolution"], r["loop"]): r["speedup"] for r in recs}
