@@ -257,10 +257,10 @@ def step(
         thresholds = dynamic_thresholds(x, model_output, tab, index, options)
 
     chosen = table_obj.backend(device, backend) if table_obj is not None else resolve(backend, device)
-    raw_m = table_obj.uses_model_term if table_obj is not None else True
+    used = table_obj.used if table_obj is not None else None
     if wide or chosen == "torch":
         x_s, x0, model_in = _fused.reference(
-            x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, raw_m=raw_m, thresholds=thresholds,
+            x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, used=used, thresholds=thresholds,
             noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=history,
             need_x0=return_x0 or x0_out is not None, need_model_in=model_in_out is not None)
         if out is not None:
@@ -279,7 +279,7 @@ def step(
         x0_out = torch.empty_like(x)
     if thresholds is not None and (thresholds.dtype != torch.float32 or not thresholds.is_contiguous()):
         thresholds = thresholds.float().contiguous()
-    _fused.launch(x, model_output, tab, index, options, n_rows=tab.shape[0], raw_m=raw_m, thresholds=thresholds,
+    _fused.launch(x, model_output, tab, index, options, n_rows=tab.shape[0], used=used, thresholds=thresholds,
                   noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=tuple(history), out=out,
                   x0_out=x0_out, model_in_out=model_in_out)
     return (out, x0_out) if return_x0 else out

@@ -30,7 +30,7 @@ class Table:
     """``host``: [rows, NCOL] float64 (read-only). ``on(device, dtype)`` gives the device copy
     (made once, cached); ``backend(device)`` the path a step on that device takes."""
 
-    __slots__ = ("host", "rows", "backend_choice", "uses_model_term", "_copies", "_resolved", "_key")
+    __slots__ = ("host", "rows", "backend_choice", "used", "_copies", "_resolved", "_key")
 
     def __init__(self, host, *, rows: str = "step", backend: Optional[str] = None):
         if isinstance(host, torch.Tensor):
@@ -42,8 +42,8 @@ class Table:
             raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
         host.setflags(write=False)
         self.host = host
-        # Whether any row has a raw model-output term (flow Euler): the step skips it otherwise.
-        self.uses_model_term = bool(np.any(host[:, COLUMNS.index("c_m")] != 0.0))
+        # The columns that are non-zero in some row: the step skips the terms of the others.
+        self.used = frozenset(name for j, name in enumerate(COLUMNS) if np.any(host[:, j] != 0.0))
         self.rows = rows
         self.backend_choice = backend
         self._copies: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

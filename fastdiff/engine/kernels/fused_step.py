@@ -265,14 +265,14 @@ def _layout_tensor(shape, tensors, device) -> torch.Tensor:
     return lay
 
 
-def launch(x, model_output, table, step, options, *, n_rows, raw_m=True, thresholds=None, noise=None, seed=None,
+def launch(x, model_output, table, step, options, *, n_rows, used=None, thresholds=None, noise=None, seed=None,
            index_offset=0, aux=None, history=(), out, x0_out=None, model_in_out=None):
     """Launch the kernel on inputs ``fastdiff.engine.step`` has validated: every tensor of x's
     shape S (any strides, rank <= 4 when not contiguous), ``table`` [K, NCOL] float32 contiguous
     on x's device, ``step`` and ``seed`` one-element int tensors there, ``thresholds`` [B]
     float32, ``index_offset`` the global index of x's first element, ``n_rows`` = K (the kernel
-    clamps the row index into [0, K)), ``raw_m`` whether the table's c_m column is used (False
-    skips its load and multiply). Writes ``out`` (may be x)."""
+    clamps the row index into [0, K)), ``used`` the columns non-zero in some row (None: all; the
+    kernel skips the load and multiply of c_m when unused). Writes ``out`` (may be x)."""
     shape = tuple(x.shape)
     n = x.numel()
     if n == 0:
@@ -290,7 +290,7 @@ def launch(x, model_output, table, step, options, *, n_rows, raw_m=True, thresho
         # More than 4 dimensions and not contiguous: run on contiguous copies.
         ins = [t.contiguous() if t is not None else None for t in tensors[:6]]
         outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[6:]]
-        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, raw_m=raw_m, thresholds=thresholds, noise=ins[3], seed=seed,
+        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, used=used, thresholds=thresholds, noise=ins[3], seed=seed,
                index_offset=index_offset, aux=ins[2], history=tuple(t for t in ins[4:6] if t is not None),
                out=outs[0], x0_out=outs[1], model_in_out=outs[2])
         for final, tmp in zip(tensors[6:], outs):
@@ -312,7 +312,7 @@ def launch(x, model_output, table, step, options, *, n_rows, raw_m=True, thresho
         PRED=PREDICTION_CODES[options.prediction_type], CLIP=options.clip_range is not None,
         THRESH=thresholds is not None, RECOMPUTE_EPS=options.recompute_eps,
         NOISE=1 if noise is not None else (2 if seed is not None else 0),
-        VAR_MODE=VAR_MODES[options.var_mode], RAW_M=bool(raw_m), N_HIST=len(history), WRITE_X0=x0_out is not None,
+        VAR_MODE=VAR_MODES[options.var_mode], RAW_M=used is None or "c_m" in used, N_HIST=len(history), WRITE_X0=x0_out is not None,
         WRITE_IN=model_in_out is not None,
         STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
         BLOCK=block, SHIFT=shift, num_warps=warps,
@@ -333,29 +333,44 @@ def _launch_config(n: int):
 # reference
 
 
-def reference(x, model_output, table, step, options, *, raw_m=True, thresholds=None, noise=None, seed=None,
+def reference(x, model_output, table, step, options, *, used=None, thresholds=None, noise=None, seed=None,
               index_offset=0, aux=None, history=(), need_x0=True, need_model_in=False):
     """Plain-torch version of the kernel, in float32 (float64 if the table is float64).
+    ``used``: the names of the columns that are non-zero in some row (None: all); the terms of
+    the others are skipped (a flow Euler step is then x_t + c_m m, two passes instead of eight).
     Returns (x_s, x0_hat or None, model_in or None) in x's dtype. No host sync: the step row is
     gathered on the device and every coefficient stays a 0-d tensor."""
     cdt = torch.float64 if table.dtype == torch.float64 else torch.float32
-    row = table.to(cdt).index_select(0, step.reshape(1).long()).reshape(NCOL)
+    # One gather and one unbind: indexing a tensor costs ~3 us a column, a tuple nothing.
+    row = table.to(cdt).index_select(0, step.reshape(1).long()).reshape(NCOL).unbind(0)
     a_t, b_t, c_x0, c_eps, c_xt, std = (row[COL[k]] for k in ("a_t", "b_t", "c_x0", "c_eps", "c_xt", "std"))
     xf, m = x.to(cdt), model_output.to(cdt)
-    # The kernel's arithmetic in the kernel's order (x0_hat first, then the combination).
-    x0, eps = x0_eps(xf, m, a_t, b_t, options.prediction_type)
-    if thresholds is not None:
-        s = thresholds.to(cdt).reshape((-1,) + (1,) * (x.dim() - 1))
-        x0 = torch.minimum(torch.maximum(x0, -s), s).div_(s)
-    elif options.clip_range is not None:
-        x0 = x0.clamp(-options.clip_range, options.clip_range)
-    if options.recompute_eps:
-        eps = torch.addcmul(xf, x0, -a_t).div_(b_t)
-    x_s = (c_x0 * x0).addcmul_(eps, c_eps).addcmul_(xf, c_xt)
-    if raw_m:
+
+    def on(name):  # a column that is 0 in every row of the table adds nothing: skip its pass
+        return used is None or name in used
+
+    x0 = eps = None
+    if on("c_x0") or on("c_eps") or need_x0:
+        # The kernel's arithmetic in the kernel's order (x0_hat first, then the combination).
+        x0, eps = x0_eps(xf, m, a_t, b_t, options.prediction_type)
+        if thresholds is not None:
+            s = thresholds.to(cdt).reshape((-1,) + (1,) * (x.dim() - 1))
+            x0 = torch.minimum(torch.maximum(x0, -s), s).div_(s)
+        elif options.clip_range is not None:
+            x0 = x0.clamp(-options.clip_range, options.clip_range)
+        if options.recompute_eps:
+            eps = torch.addcmul(xf, x0, -a_t).div_(b_t)
+    x_s = c_x0 * x0 if on("c_x0") else None
+    if on("c_eps"):
+        x_s = eps * c_eps if x_s is None else x_s.addcmul_(eps, c_eps)
+    if on("c_xt"):
+        x_s = xf * c_xt if x_s is None else x_s.addcmul_(xf, c_xt)
+    if on("c_m"):
         # The product rounded first, then added: x_t + (sigma_s - sigma_t) u exactly as diffusers
         # writes the flow Euler step, so that the two agree bit for bit in float32.
-        x_s = x_s.add_(m * row[COL["c_m"]])
+        x_s = m * row[COL["c_m"]] if x_s is None else x_s.add_(m * row[COL["c_m"]])
+    if x_s is None:
+        x_s = torch.zeros_like(xf)
     for h, col in zip(history, ("c_h0", "c_h1")):
         x_s = x_s.addcmul_(h.to(cdt), row[COL[col]])
     if noise is not None or seed is not None:
