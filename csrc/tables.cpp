@@ -270,6 +270,107 @@ py::array_t<double> flow_table(const DoubleArray& sigmas_in, const DoubleArray& 
   return out;
 }
 
+// --- DPM-Solver++ multistep (Lu et al., 2022, "DPM-Solver++"), as diffusers' DPMSolverMultistepScheduler ---
+
+// One path point: alpha, sigma (x = alpha x0 + sigma eps) and lambda = log(alpha / sigma).
+struct PathPoint {
+  double alpha, sigma, lambda;
+};
+
+// sigma is diffusers' sigma: sqrt((1 - ab) / ab) on a VP schedule (then alpha = 1 / sqrt(sigma^2 + 1),
+// sigma_t = sigma alpha), or the flow sigma (alpha = 1 - sigma, sigma_t = sigma).
+PathPoint path_point(double sigma, bool flow) {
+  PathPoint p;
+  if (flow) {
+    p.alpha = 1.0 - sigma;
+    p.sigma = sigma;
+  } else {
+    p.alpha = 1.0 / std::sqrt(sigma * sigma + 1.0);
+    p.sigma = sigma * p.alpha;
+  }
+  p.lambda = std::log(p.alpha) - std::log(p.sigma);  // +inf at sigma = 0
+  return p;
+}
+
+// Rows for sigmas [K + 1] (the final sigma last): x_s = c_xt x_t + c_x0 D0 + (D1 terms) + std z with
+// D0 = x0_hat (this step's data prediction) and D1 = (x0_hat - H0) / r0, H0 the previous step's
+// x0_hat, r0 = h_prev / h. Second-order rows need H0; first-order rows ignore it (c_h0 = 0).
+// first_order_from: rows i < first_order_from ... take order 1 whatever `order` says: row 0 always
+// (no history), the last row where diffusers lowers the order. Rows K .. 2K-1 repeat every step
+// at first order: a loop that begins mid-schedule (img2img) steps at first order first, as
+// diffusers' lower_order_nums does, by reading row K + i.
+py::array_t<double> dpm_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in, bool flow,
+                              const std::string& algorithm, const std::string& solver_type, int order,
+                              bool lower_order_final, bool euler_at_final, bool final_sigma_zero) {
+  const auto sig = to_vec(sigmas_in, "sigmas");
+  const auto ts = to_vec(timesteps_in, "timesteps");
+  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the final sigma)");
+  if (ts.size() + 1 != sig.size())
+    value_error("timesteps must have one value fewer than sigmas, got " + std::to_string(ts.size()) +
+                " timesteps and " + std::to_string(sig.size()) + " sigmas");
+  for (size_t i = 0; i < sig.size(); ++i) {
+    const bool ok = std::isfinite(sig[i]) && sig[i] >= 0.0 && (!flow || sig[i] <= 1.0);
+    if (!ok) value_error("sigmas must be finite and >= 0 (<= 1 on the flow path), got sigmas[" + std::to_string(i) +
+                         "] = " + fmt(sig[i]));
+    if (i + 1 < sig.size() && !(sig[i] > 0.0))
+      value_error("only the final sigma may be 0, got sigmas[" + std::to_string(i) + "] = 0");
+  }
+  const bool sde = algorithm == "sde-dpmsolver++";
+  if (!sde && algorithm != "dpmsolver++")
+    value_error("algorithm_type must be 'dpmsolver++' or 'sde-dpmsolver++', got '" + algorithm + "'");
+  const bool heun = solver_type == "heun";
+  if (!heun && solver_type != "midpoint")
+    value_error("solver_type must be 'midpoint' or 'heun', got '" + solver_type + "'");
+  if (order != 1 && order != 2) value_error("solver_order must be 1 or 2, got " + std::to_string(order));
+  const size_t k = ts.size();
+  auto out = new_table(2 * k);
+  double* tab = out.mutable_data();
+  for (size_t rep = 0; rep < 2; ++rep) {
+    for (size_t i = 0; i < k; ++i) {
+      double* row = tab + (rep * k + i) * NCOL;
+      const PathPoint s0 = path_point(sig[i], flow), t = path_point(sig[i + 1], flow);
+      const bool lower_final = i + 1 == k && (euler_at_final || (lower_order_final && k < 15) || final_sigma_zero);
+      const bool second = rep == 0 && order == 2 && i > 0 && !lower_final;
+      const double h = t.lambda - s0.lambda;  // +inf onto sigma = 0
+      const double e1 = std::isinf(h) ? -1.0 : std::expm1(-h);        // exp(-h) - 1
+      const double e2 = std::isinf(h) ? -1.0 : std::expm1(-2.0 * h);  // exp(-2h) - 1
+      const double ratio = t.sigma / s0.sigma;
+      double a, b = 0.0;  // coefficients of D0 and D1
+      if (!sde) {
+        row[C_XT] = ratio;
+        a = -t.alpha * e1;
+        if (second) b = heun ? t.alpha * (e1 / h + 1.0) : -0.5 * t.alpha * e1;
+      } else {
+        row[C_XT] = std::isinf(h) ? 0.0 : ratio * std::exp(-h);
+        a = -t.alpha * e2;
+        if (second) b = heun ? t.alpha * (e2 / (2.0 * h) + 1.0) : -0.5 * t.alpha * e2;
+        row[STD] = t.sigma * std::sqrt(std::max(-e2, 0.0));
+      }
+      double c_h0 = 0.0;
+      if (second) {
+        const PathPoint s1 = path_point(sig[i - 1], flow);
+        const double r0 = (s0.lambda - s1.lambda) / h;
+        a += b / r0;
+        c_h0 = -b / r0;
+      }
+      row[C_X0] = a;
+      row[C_H0] = c_h0;
+      row[A_T] = s0.alpha;
+      row[B_T] = s0.sigma;
+      row[A_S] = t.alpha;
+      row[B_S] = t.sigma;
+      row[NOISE] = i + 1 < k ? 1.0 : 0.0;
+      row[COV_SCALE] = s0.alpha > 0.0 ? (s0.sigma * s0.sigma) / (s0.alpha * s0.alpha) : kPureNoiseCovScale;
+      row[VAR_MAX] = std::numeric_limits<double>::infinity();
+      row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(row[STD] * row[STD], 1e-20));
+      row[T] = ts[i];
+      row[PREV_T] = i + 1 < k ? ts[i + 1] : -1.0;
+      set_c_cov(row);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_tables(py::module_& m) {
@@ -285,6 +386,10 @@ void register_tables(py::module_& m) {
   m.def("flow_table", &flow_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("kind") = "euler",
         py::arg("eta") = 0.0, py::arg("ocm") = false, py::arg("clip_pixels") = 0.0,
         "Rectified-flow coefficient table [K, NCOL] from K + 1 sigmas (euler / stochastic / ddim, optional OCM).");
+  m.def("dpm_table", &dpm_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("flow") = false,
+        py::arg("algorithm_type") = "dpmsolver++", py::arg("solver_type") = "midpoint", py::arg("solver_order") = 2,
+        py::arg("lower_order_final") = true, py::arg("euler_at_final") = false, py::arg("final_sigma_zero") = true,
+        "DPM-Solver++ multistep table [2K, NCOL]: rows 0..K-1 as a loop from the first step, K..2K-1 first order.");
   m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
         "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
 }

@@ -10,8 +10,8 @@ from .engine.step import StepOptions, step
 from .engine.tables import COLUMNS, Table
 from .graphs import GraphedSampler
 from .engine.kernels.philox import randn
-from .samplers import (SAMPLERS, ConsistencySampler, DDIMSampler, DDPMSampler, FlowDDIMSampler, FlowEulerSampler,
-                       FlowStochasticSampler, OCMDDIMSampler, OCMDDPMSampler, OCMFlowSampler, Sampler, make_sampler,
+from .samplers import (SAMPLERS, ConsistencySampler, DDIMSampler, DDPMSampler, DPMSolverSampler,
+                       DPMSolverSDESampler, FlowDDIMSampler, FlowDPMSolverSampler, FlowEulerSampler, FlowStochasticSampler, OCMDDIMSampler, OCMDDPMSampler, OCMFlowSampler, Sampler, make_sampler,
                        register_sampler)
 from .training.consistency import ConsistencyDistillation
 from .training.ocm import ProbeHead, ocm_loss, ocm_target, train_head
@@ -19,7 +19,8 @@ from .training.ocm import ProbeHead, ocm_loss, ocm_target, train_head
 __version__ = "0.1.0"
 
 __all__ = [
-    "COLUMNS", "ConsistencyDistillation", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "FlowDDIMSampler",
+    "COLUMNS", "ConsistencyDistillation", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "DPMSolverSDESampler",
+    "DPMSolverSampler", "FlowDDIMSampler", "FlowDPMSolverSampler",
     "FlowEulerSampler", "FlowSchedule", "FlowStochasticSampler", "GraphedSampler", "OCMDDIMSampler", "OCMDDPMSampler",
     "OCMFlowSampler", "ProbeHead", "SAMPLERS", "Sampler", "Schedule", "StepOptions", "Table",
     "make_sampler", "ocm_loss", "ocm_target", "randn", "register_sampler", "sample", "step", "train_head",

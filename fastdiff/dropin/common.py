@@ -68,7 +68,8 @@ class _State:
     def __init__(self):
         self.ab64: Optional[np.ndarray] = None       # alphas_cumprod as float64 (diffusers' fp32 values)
         self.host_ts: Optional[np.ndarray] = None    # host copy of the timesteps set_timesteps made
-        self.host_sigmas: Optional[np.ndarray] = None  # flow: host copy of the sigmas (float32 values)
+        self.host_sigmas: Optional[np.ndarray] = None  # flow, DPM: host copy of the sigmas (float32 values)
+        self.history: dict = {}                      # multistep: (device, shape, dtype) -> two x0_hat buffers
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
         self.ts_version: Optional[int] = None        # ts_obj._version when host_ts was read

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .ddim import DDIMScheduler, _DiffusersDDIMScheduler
 from .ddpm import DDPMScheduler, _DiffusersDDPMScheduler
+from .dpm import DPMSolverMultistepScheduler, _DiffusersDPMSolverMultistep
 from .flow import FlowMatchEulerDiscreteScheduler, _DiffusersFlowMatchEuler
 
 # diffusers' class -> fastdiff's drop-in for it; one row per drop-in.
@@ -10,6 +11,7 @@ DROPINS = (
     (_DiffusersDDIMScheduler, DDIMScheduler),
     (_DiffusersDDPMScheduler, DDPMScheduler),
     (_DiffusersFlowMatchEuler, FlowMatchEulerDiscreteScheduler),
+    (_DiffusersDPMSolverMultistep, DPMSolverMultistepScheduler),
 )
 
 

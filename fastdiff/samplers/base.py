@@ -59,6 +59,7 @@ class Sampler:
     name = "base"
     var_mode = "table"
     timestep_dtype = torch.int64
+    history_slots = 0  # multistep solvers: 1 (the previous x0_hat, column c_h0)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -170,11 +171,20 @@ class Sampler:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"fastdiff {self.name}", total=self.steps)
         noise_seed = seed if self.uses_noise else None
+        # A multistep solver reads the previous step's x0_hat and writes this step's: two float32
+        # buffers used in turn (zeros first: the first row's history coefficient is 0, and 0 * NaN
+        # from uninitialised memory would not be).
+        hist = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(2)] \
+            if self.history_slots else None
         for i in steps:
             t = t_rows[i]
             model_output, aux = self._call_model(model, x, t)
-            step(x, model_output, self.table, ids[i], self.options, seed=noise_seed, sample_offset=sample_offset,
-                 aux=aux, out=x)
+            if hist is None:
+                step(x, model_output, self.table, ids[i], self.options, seed=noise_seed,
+                     sample_offset=sample_offset, aux=aux, out=x)
+            else:
+                step(x, model_output, self.table, ids[i], self.options, seed=noise_seed,
+                     sample_offset=sample_offset, aux=aux, history=(hist[i % 2],), x0_out=hist[(i + 1) % 2], out=x)
             if callback is not None:
                 callback(i, t, x)
         return x
