@@ -371,6 +371,63 @@ py::array_t<double> dpm_table(const DoubleArray& sigmas_in, const DoubleArray& t
   return out;
 }
 
+// --- Euler and Euler-ancestral in sigma space (Karras et al., 2022; k-diffusion; diffusers) --------
+
+// The VE path x = x0 + sigma eps (diffusers' EulerDiscreteScheduler: the model sees x / sqrt(sigma^2 + 1)).
+// x0_hat = x - sigma eps_hat is the kernel's epsilon conversion with a = 1, b = sigma; diffusers'
+// v-prediction x0_hat = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v is its v conversion with
+// a = 1 / (sigma^2 + 1), b = sigma / sqrt(sigma^2 + 1). The step x_s = x + (x - x0_hat) / sigma * dt,
+// dt = sigma_down - sigma, is c_xt = sigma_down / sigma, c_x0 = 1 - sigma_down / sigma; ancestral adds
+// sigma_up z (sigma_up^2 = sigma_s^2 (sigma^2 - sigma_s^2) / sigma^2, sigma_down^2 = sigma_s^2 - sigma_up^2).
+// c_in = 1 / sqrt(sigma_s^2 + 1): the step writes the next model input already scaled.
+py::array_t<double> euler_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in,
+                                const std::string& prediction_type, bool ancestral) {
+  const auto sig = to_vec(sigmas_in, "sigmas");
+  const auto ts = to_vec(timesteps_in, "timesteps");
+  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the final sigma)");
+  if (ts.size() + 1 != sig.size())
+    value_error("timesteps must have one value fewer than sigmas, got " + std::to_string(ts.size()) +
+                " timesteps and " + std::to_string(sig.size()) + " sigmas");
+  for (size_t i = 0; i < sig.size(); ++i) {
+    if (!(std::isfinite(sig[i]) && sig[i] >= 0.0))
+      value_error("sigmas must be finite and >= 0, got sigmas[" + std::to_string(i) + "] = " + fmt(sig[i]));
+    if (i + 1 < sig.size() && !(sig[i] > 0.0))
+      value_error("only the final sigma may be 0, got sigmas[" + std::to_string(i) + "] = 0");
+  }
+  const bool v = prediction_type == "v_prediction";
+  if (!v && prediction_type != "epsilon" && prediction_type != "sample")
+    value_error("prediction_type must be 'epsilon', 'v_prediction' or 'sample' in sigma space, got '" +
+                prediction_type + "'");
+  const size_t k = ts.size();
+  auto out = new_table(k);
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < k; ++i) {
+    double* row = tab + i * NCOL;
+    const double s = sig[i], sn = sig[i + 1];
+    double down = sn, up = 0.0;
+    if (ancestral) {
+      up = std::sqrt(std::max(sn * sn * (s * s - sn * sn) / (s * s), 0.0));
+      down = std::sqrt(std::max(sn * sn - up * up, 0.0));
+    }
+    row[A_T] = v ? 1.0 / (s * s + 1.0) : 1.0;
+    row[B_T] = v ? s / std::sqrt(s * s + 1.0) : s;
+    row[C_XT] = down / s;
+    row[C_X0] = 1.0 - down / s;
+    row[STD] = up;
+    row[C_IN] = 1.0 / std::sqrt(sn * sn + 1.0);
+    row[A_S] = 1.0;
+    row[B_S] = sn;
+    row[NOISE] = i + 1 < k ? 1.0 : 0.0;
+    row[COV_SCALE] = s * s;
+    row[VAR_MAX] = std::numeric_limits<double>::infinity();
+    row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(std::max(up * up, 1e-20));
+    row[T] = ts[i];
+    row[PREV_T] = i + 1 < k ? ts[i + 1] : -1.0;
+    set_c_cov(row);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_tables(py::module_& m) {
@@ -390,6 +447,8 @@ void register_tables(py::module_& m) {
         py::arg("algorithm_type") = "dpmsolver++", py::arg("solver_type") = "midpoint", py::arg("solver_order") = 2,
         py::arg("lower_order_final") = true, py::arg("euler_at_final") = false, py::arg("final_sigma_zero") = true,
         "DPM-Solver++ multistep table [2K, NCOL]: rows 0..K-1 as a loop from the first step, K..2K-1 first order.");
+  m.def("euler_table", &euler_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("prediction_type") = "epsilon",
+        py::arg("ancestral") = false, "Euler / Euler-ancestral table in sigma space [K, NCOL] (c_in: next input scale).");
   m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
         "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
 }

@@ -13,8 +13,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from .dropin.ddim import DDIMScheduler, DDIMSchedulerOutput
 from .dropin.ddpm import DDPMScheduler, DDPMSchedulerOutput
 from .dropin.dpm import DPMSolverMultistepScheduler
+from .dropin.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .dropin.flow import FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerOutput
 from .dropin.swap import swap_scheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput", "DPMSolverMultistepScheduler",
+           "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "swap_scheduler"]

@@ -70,6 +70,7 @@ class _State:
         self.host_ts: Optional[np.ndarray] = None    # host copy of the timesteps set_timesteps made
         self.host_sigmas: Optional[np.ndarray] = None  # flow, DPM: host copy of the sigmas (float32 values)
         self.history: dict = {}                      # multistep: (device, shape, dtype) -> two x0_hat buffers
+        self.next_input = None                       # Euler: (step output, its scaled model input, step index)
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
         self.ts_version: Optional[int] = None        # ts_obj._version when host_ts was read

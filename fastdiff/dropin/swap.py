@@ -4,6 +4,7 @@ from __future__ import annotations
 from .ddim import DDIMScheduler, _DiffusersDDIMScheduler
 from .ddpm import DDPMScheduler, _DiffusersDDPMScheduler
 from .dpm import DPMSolverMultistepScheduler, _DiffusersDPMSolverMultistep
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, _DiffusersEuler, _DiffusersEulerAncestral
 from .flow import FlowMatchEulerDiscreteScheduler, _DiffusersFlowMatchEuler
 
 # diffusers' class -> fastdiff's drop-in for it; one row per drop-in.
@@ -12,6 +13,8 @@ DROPINS = (
     (_DiffusersDDPMScheduler, DDPMScheduler),
     (_DiffusersFlowMatchEuler, FlowMatchEulerDiscreteScheduler),
     (_DiffusersDPMSolverMultistep, DPMSolverMultistepScheduler),
+    (_DiffusersEuler, EulerDiscreteScheduler),
+    (_DiffusersEulerAncestral, EulerAncestralDiscreteScheduler),
 )
 
 
