@@ -9,7 +9,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "fastdiff._C",
-        ["csrc/module.cpp", "csrc/schedules.cpp", "csrc/tables.cpp"],
+        ["csrc/module.cpp", "csrc/schedules.cpp", "csrc/tables.cpp", "csrc/sigmas.cpp"],
         depends=["csrc/columns.h", "csrc/common.h"],
         cxx_std=17,
         extra_compile_args=["-O2"],
