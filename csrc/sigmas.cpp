@@ -13,9 +13,10 @@
 // result (53 >= 2 * 24 + 2 bits), so rounding after each double op reproduces float32 exactly.
 //
 // Float32 transcendental functions are the exception: numpy's float32 log and torch's float32
-// sqrt are SIMD approximations that are not correctly rounded (4.4% and 17% of values differ in the
-// last bit on an AVX-512 CPU), so values diffusers takes from them (the training sigmas, their log,
-// lambda_t) are inputs here, computed by the Python facade with numpy and torch themselves.
+// sqrt, log and exp are SIMD approximations that are not correctly rounded (4.4% and 17% of values
+// differ in the last bit for numpy's log and torch's sqrt on an AVX-512 CPU), so values diffusers
+// takes from them (the training sigmas, their log, lambda_t, float32 log-linear sigmas) are inputs
+// here, computed by the Python facade (fastdiff/sigmas.py) with numpy and torch themselves.
 
 #include "common.h"
 
@@ -280,6 +281,7 @@ double beta_ppf_one(double p, double a, double b) {
   if (!(p >= 0.0 && p <= 1.0)) value_error("beta_ppf needs p in [0, 1], got " + fmt(p));
   if (p == 0.0) return 0.0;
   if (p == 1.0) return 1.0;
+  if (a == b && p == 0.5) return 0.5;  // the median by symmetry (the iteration stops ~2 ulps off)
   const double q = 1.0 - p;  // exact for p >= 1/2, the case where the residual reads it
   if (p <= ibeta_pair(a, b, 0.5).first) return beta_solve_lower(a, b, p, q);
   return 1.0 - beta_solve_lower(b, a, q, p);
@@ -320,7 +322,8 @@ Vec lu_lambdas(double lambda_min, double lambda_max, int64_t n) {
 
 // diffusers' _sigma_to_t: the fractional training index of log_sigma, interpolated linearly in
 // log sigma between the two training entries around it (clamped to the table's ends). `table`
-// rounds like the training table (low - high is float32 there), `point` like log_sigma.
+// rounds like the training table (low - high is float32 there: exact by Sterbenz but where log sigma
+// crosses 0, and even there ~1e-8 of a step, below a float32 timestep's ulp), `point` like log_sigma.
 double sigma_to_t(double log_sigma, const Vec& log_sigmas, Round table, Round point) {
   const int64_t n = static_cast<int64_t>(log_sigmas.size());
   int64_t low_idx = 0;  // the last index with log_sigmas[k] <= log_sigma, else 0
@@ -392,7 +395,7 @@ bool use_terminal(const std::optional<double>& st) {
 
 // The sigmas the scheduler holds after __init__ (torch float32): sigma = t / N for t = N..1, shifted
 // by `shift` unless use_dynamic_shifting; timesteps = sigma * N. Their ends are sigma_max / sigma_min.
-py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
+std::pair<Vec, Vec> flow_train(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
   check_num_train(num_train_timesteps);
   check_shift(shift, "shift");
   const int64_t n = num_train_timesteps;
@@ -400,6 +403,11 @@ py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_
   for (int64_t i = 0; i < n; ++i) s[i] = kF32(static_cast<double>(n - i) / static_cast<double>(n));
   if (!use_dynamic_shifting) s = shift_sigmas(s, shift, kF32);
   for (int64_t i = 0; i < n; ++i) t[i] = kF32(s[i] * static_cast<double>(n));
+  return {s, t};
+}
+
+py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
+  const auto [s, t] = flow_train(num_train_timesteps, shift, use_dynamic_shifting);
   return py::make_tuple(from_vec(s), from_vec(t));
 }
 
@@ -449,9 +457,8 @@ py::tuple flow_sigmas(int64_t num_train_timesteps, std::optional<int64_t> num_in
   } else if (timesteps_in) {
     for (int64_t i = 0; i < n; ++i) s[i] = kF32(ts32[i] / N);
   } else {
-    const py::tuple train = flow_train_sigmas(num_train_timesteps, shift, use_dynamic_shifting);
-    const Vec ts = to_vec(train[0].cast<DoubleArray>(), "train sigmas");
-    const double smax = sigma_max ? *sigma_max : ts.front(), smin = sigma_min ? *sigma_min : ts.back();
+    const Vec train = flow_train(num_train_timesteps, shift, use_dynamic_shifting).first;
+    const double smax = sigma_max ? *sigma_max : train.front(), smin = sigma_min ? *sigma_min : train.back();
     check_in({smin, smax}, "sigma_min / sigma_max", 0.0, 1.0);
     s = np_linspace(smax * N, smin * N, n);
     for (auto& v : s) v = v / N;
