@@ -85,7 +85,8 @@ void check_one_sigma_kind(bool karras, bool exponential, bool beta) {
 void check_sigma_range(double sigma_min, double sigma_max, bool exponential) {
   for (auto [name, v] : {std::pair<const char*, double>{"sigma_min", sigma_min}, {"sigma_max", sigma_max}}) {
     if (exponential && !(std::isfinite(v) && v > 0.0))
-      value_error(std::string(name) + " must be finite and > 0 with use_exponential_sigmas (its log is taken), got " + fmt(v));
+      value_error(std::string(name) + " must be finite and > 0 with use_exponential_sigmas (its log is taken), got " +
+                  fmt(v));
     if (!(std::isfinite(v) && v >= 0.0)) value_error(std::string(name) + " must be finite and >= 0, got " + fmt(v));
   }
 }
@@ -522,7 +523,8 @@ struct Table {
 // them from torch and numpy, whose float32 sqrt and log round differently from IEEE.
 Table make_table(const DoubleArray& sigmas, const DoubleArray& log_sigmas, double final_sigma, bool float32) {
   Table tb{to_vec(sigmas, "train_sigmas"), to_vec(log_sigmas, "log_sigmas"), final_sigma, Round{float32}};
-  if (tb.sigmas.size() < 2) value_error("the training table needs at least 2 sigmas, got " + std::to_string(tb.sigmas.size()));
+  if (tb.sigmas.size() < 2)
+    value_error("the training table needs at least 2 sigmas, got " + std::to_string(tb.sigmas.size()));
   if (tb.log_sigmas.size() != tb.sigmas.size())
     value_error("train_sigmas and log_sigmas must have the same length, got " + std::to_string(tb.sigmas.size()) +
                 " and " + std::to_string(tb.log_sigmas.size()));
@@ -530,7 +532,8 @@ Table make_table(const DoubleArray& sigmas, const DoubleArray& log_sigmas, doubl
     if (!(tb.sigmas[i] > 0.0 && std::isfinite(tb.sigmas[i])))
       value_error("train_sigmas must be finite and > 0 (alphas_cumprod in (0, 1)), got train_sigmas[" +
                   std::to_string(i) + "] = " + fmt(tb.sigmas[i]));
-  if (!(final_sigma >= 0.0 && std::isfinite(final_sigma))) value_error("final_sigma must be finite and >= 0, got " + fmt(final_sigma));
+  if (!(final_sigma >= 0.0 && std::isfinite(final_sigma)))
+    value_error("final_sigma must be finite and >= 0, got " + fmt(final_sigma));
   return tb;
 }
 
@@ -606,7 +609,8 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   int64_t n;
   if (timesteps_in) {
     if (num_inference_steps) value_error("give num_inference_steps or timesteps, not both");
-    if (convert) value_error("timesteps cannot be given with use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas");
+    if (convert)
+      value_error("timesteps cannot be given with use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas");
     t = to_vec(*timesteps_in, "timesteps");
     check_finite(t, "timesteps");
     for (auto& v : t) v = tb.P(v);
@@ -624,7 +628,8 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   } else if (log_linear_in) {
     s = to_vec(*log_linear_in, "log_linear_sigmas");
     if (static_cast<int64_t>(s.size()) != n + 1)
-      value_error("log_linear_sigmas must hold num_inference_steps + 1 = " + std::to_string(n + 1) + " values, got " + std::to_string(s.size()));
+      value_error("log_linear_sigmas must hold num_inference_steps + 1 = " + std::to_string(n + 1) + " values, got " +
+                  std::to_string(s.size()));
     check_in(s, "log_linear_sigmas", 0.0, std::numeric_limits<double>::max());
   } else {
     if (tb.P.f32) value_error("float32 tables need log_linear_sigmas from torch (its float32 exp is not IEEE's)");
@@ -650,9 +655,11 @@ py::tuple euler_sigmas_from_list(const DoubleArray& sigmas_in, const DoubleArray
   const Table tb = make_table(train_sigmas, log_sigmas, 0.0, float32);
   Vec s = to_vec(sigmas_in, "sigmas");
   const Vec ls = to_vec(log_sigma_in, "log_sigma");
-  if (s.size() < 2) value_error("sigmas must hold at least 2 values (the last is the final sigma), got " + std::to_string(s.size()));
+  if (s.size() < 2)
+    value_error("sigmas must hold at least 2 values (the last is the final sigma), got " + std::to_string(s.size()));
   if (ls.size() != s.size())
-    value_error("sigmas and log_sigma must have the same length, got " + std::to_string(s.size()) + " and " + std::to_string(ls.size()));
+    value_error("sigmas and log_sigma must have the same length, got " + std::to_string(s.size()) + " and " +
+                std::to_string(ls.size()));
   check_in(s, "sigmas", 0.0, std::numeric_limits<double>::max());
   for (auto& v : s) v = tb.P(v);
   Vec t(s.size() - 1);
@@ -689,7 +696,9 @@ int64_t dpm_last_timestep(const Vec& lambdas, double lambda_min_clipped, Round P
   int64_t clipped = 0;
   for (auto it = lambdas.rbegin(); it != lambdas.rend() && *it < clip; ++it) ++clipped;
   const int64_t last = static_cast<int64_t>(lambdas.size()) - clipped;
-  if (last < 1) value_error("lambda_min_clipped = " + fmt(lambda_min_clipped) + " clips every timestep (the largest lambda_t is " + fmt(lambdas.front()) + ")");
+  if (last < 1)
+    value_error("lambda_min_clipped = " + fmt(lambda_min_clipped) + " clips every timestep (the largest lambda_t is " +
+                fmt(lambdas.front()) + ")");
   return last;
 }
 
@@ -703,7 +712,8 @@ py::tuple dpm_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_sig
   const Vec lambdas = to_vec(lambdas_in, "lambdas");
   const int64_t N = static_cast<int64_t>(tb.sigmas.size());
   if (lambdas.size() != tb.sigmas.size())
-    value_error("lambdas must have one entry per training step (" + std::to_string(N) + "), got " + std::to_string(lambdas.size()));
+    value_error("lambdas must have one entry per training step (" + std::to_string(N) + "), got " +
+                std::to_string(lambdas.size()));
   check_one_sigma_kind(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas);
   check_shift(flow_shift, "flow_shift");
   if (std::isnan(lambda_min_clipped)) value_error("lambda_min_clipped must not be NaN");
@@ -721,7 +731,8 @@ py::tuple dpm_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_sig
     check_steps(n);
     for (size_t i = 0; i < t.size(); ++i)
       if (t[i] < 0 || t[i] >= N)
-        value_error("timesteps must lie in [0, " + std::to_string(N) + "), got timesteps[" + std::to_string(i) + "] = " + std::to_string(t[i]));
+        value_error("timesteps must lie in [0, " + std::to_string(N) + "), got timesteps[" + std::to_string(i) +
+                    "] = " + std::to_string(t[i]));
   } else {
     if (!num_inference_steps) value_error("num_inference_steps or timesteps is required");
     n = *num_inference_steps;
@@ -783,7 +794,8 @@ py::tuple unipc_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   if (sigmas_in) {
     if (!use_flow_sigmas) value_error("sigmas can only be given with use_flow_sigmas=True");
     if (num_inference_steps && *num_inference_steps != static_cast<int64_t>(user.size()))
-      value_error("sigmas must have num_inference_steps = " + std::to_string(*num_inference_steps) + " entries, got " + std::to_string(user.size()));
+      value_error("sigmas must have num_inference_steps = " + std::to_string(*num_inference_steps) +
+                  " entries, got " + std::to_string(user.size()));
     check_in(user, "sigmas", 0.0, 1.0);
     n = static_cast<int64_t>(user.size());
   } else {

@@ -90,7 +90,8 @@ def vp_table(alphas_cumprod) -> VPTable:
     bad = ~((ab > 0) & (ab < 1))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"alphas_cumprod must lie in the open interval (0, 1), got alphas_cumprod[{i}] = {float(ab[i])}")
+        raise ValueError("alphas_cumprod must lie in the open interval (0, 1), got "
+                         f"alphas_cumprod[{i}] = {float(ab[i])}")
     sigmas = ((1 - ab) / ab) ** 0.5
     lambdas = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))
     final = ((1 - ab[0]) / ab[0]) ** 0.5
@@ -138,7 +139,8 @@ def flow_sigmas(num_inference_steps: Optional[int] = None, *, num_train_timestep
                          None if shift_terminal is None else float(shift_terminal), bool(use_karras_sigmas),
                          bool(use_exponential_sigmas), bool(use_beta_sigmas), bool(invert_sigmas),
                          _f64(sigmas, "sigmas"), _f64(timesteps, "timesteps"),
-                         None if sigma_min is None else float(sigma_min), None if sigma_max is None else float(sigma_max))
+                         None if sigma_min is None else float(sigma_min),
+                         None if sigma_max is None else float(sigma_max))
 
 
 def index_for_timestep(timesteps, timestep) -> int:
