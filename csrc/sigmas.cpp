@@ -13,9 +13,10 @@
 // result (53 >= 2 * 24 + 2 bits), so rounding after each double op reproduces float32 exactly.
 //
 // Float32 transcendental functions are the exception: numpy's float32 log and torch's float32
-// sqrt are SIMD approximations that are not correctly rounded (4.4% and 17% of values differ in the
-// last bit on an AVX-512 CPU), so values diffusers takes from them (the training sigmas, their log,
-// lambda_t) are inputs here, computed by the Python facade with numpy and torch themselves.
+// sqrt, log and exp are SIMD approximations that are not correctly rounded (4.4% and 17% of values
+// differ in the last bit for numpy's log and torch's sqrt on an AVX-512 CPU), so values diffusers
+// takes from them (the training sigmas, their log, lambda_t, float32 log-linear sigmas) are inputs
+// here, computed by the Python facade (fastdiff/sigmas.py) with numpy and torch themselves.
 
 #include "common.h"
 
@@ -84,7 +85,8 @@ void check_one_sigma_kind(bool karras, bool exponential, bool beta) {
 void check_sigma_range(double sigma_min, double sigma_max, bool exponential) {
   for (auto [name, v] : {std::pair<const char*, double>{"sigma_min", sigma_min}, {"sigma_max", sigma_max}}) {
     if (exponential && !(std::isfinite(v) && v > 0.0))
-      value_error(std::string(name) + " must be finite and > 0 with use_exponential_sigmas (its log is taken), got " + fmt(v));
+      value_error(std::string(name) + " must be finite and > 0 with use_exponential_sigmas (its log is taken), got " +
+                  fmt(v));
     if (!(std::isfinite(v) && v >= 0.0)) value_error(std::string(name) + " must be finite and >= 0, got " + fmt(v));
   }
 }
@@ -157,7 +159,30 @@ Vec flipped(Vec v) {
 
 // --- the inverse regularized incomplete beta function ----------------------------------------
 
-double log_beta(double a, double b) { return std::lgamma(a) + std::lgamma(b) - std::lgamma(a + b); }
+// lgamma(x) - ((x - 1/2) log x - x + log sqrt(2 pi)) for x >= 10: the Stirling series, to 1e-17.
+double lgamma_corr(double x) {
+  const double c[] = {1.0 / 12, -1.0 / 360, 1.0 / 1260, -1.0 / 1680, 1.0 / 1188, -691.0 / 360360, 1.0 / 156,
+                      -3617.0 / 122400};
+  const double r = 1.0 / x, r2 = r * r;
+  double sum = 0.0;
+  for (int k = 7; k >= 0; --k) sum = sum * r2 + c[k];
+  return sum * r;
+}
+
+// log B(a, b). For a large argument, lgamma(q) - lgamma(p + q) cancels to a small difference of two
+// large numbers (1e-13 relative lost at p = 0.05, q = 20); written with the Stirling corrections the
+// large parts combine through log1p without cancelling.
+double log_beta(double a, double b) {
+  const double p = std::min(a, b), q = std::max(a, b);
+  const double log_sqrt_2pi = 0.91893853320467274178;
+  if (p >= 10.0)
+    return -0.5 * std::log(q) + log_sqrt_2pi + lgamma_corr(p) + lgamma_corr(q) - lgamma_corr(p + q) +
+           (p - 0.5) * std::log(p / (p + q)) + q * std::log1p(-p / (p + q));
+  if (q >= 10.0)
+    return std::lgamma(p) + lgamma_corr(q) - lgamma_corr(p + q) + p - p * std::log(p + q) +
+           (q - 0.5) * std::log1p(-p / (p + q));
+  return std::lgamma(p) + std::lgamma(q) - std::lgamma(p + q);
+}
 
 // Continued fraction of I_x(a, b) (modified Lentz); converges quickly for x < (a + 1) / (a + b + 2).
 double beta_cf(double a, double b, double x) {
@@ -185,7 +210,12 @@ double beta_cf(double a, double b, double x) {
 std::pair<double, double> ibeta_pair(double a, double b, double x) {
   if (x <= 0.0) return {0.0, 1.0};
   if (x >= 1.0) return {1.0, 0.0};
-  const double front = std::exp(a * std::log(x) + b * std::log1p(-x) - log_beta(a, b));
+  // x^a (1 - x)^b / B(a, b), the power of the small variable by pow: exp(a log x) errs by |a log x|
+  // ulps, which the inversion divides by a (7e-14 at a = 0.05, x = 1e-121).
+  const double lb = log_beta(a, b);
+  double front = x <= 0.5 ? std::pow(x, a) * std::exp(b * std::log1p(-x) - lb)
+                          : std::pow(1.0 - x, b) * std::exp(a * std::log(x) - lb);
+  if (!(front >= std::numeric_limits<double>::min())) front = std::exp(a * std::log(x) + b * std::log1p(-x) - lb);
   if (x < (a + 1.0) / (a + b + 2.0)) {
     const double i = front * beta_cf(a, b, x) / a;
     return {i, 1.0 - i};
@@ -199,52 +229,63 @@ void check_beta_shape(double a, double b) {
     value_error("the beta distribution needs finite a > 0 and b > 0, got a = " + fmt(a) + ", b = " + fmt(b));
 }
 
-// x with I_x(a, b) = p: a starting guess (Abramowitz & Stegun 26.5.22 for a, b >= 1, the two
-// power-law tails otherwise), then Halley steps kept inside a bisection bracket. The residual is
-// taken on the side of the smaller tail (p or 1 - p, exact for p >= 0.5), where it is accurate.
-double beta_ppf_one(double p, double a, double b) {
-  if (!(p >= 0.0 && p <= 1.0)) value_error("beta_ppf needs p in [0, 1], got " + fmt(p));
-  if (p == 0.0) return 0.0;
-  if (p == 1.0) return 1.0;
-  const bool upper = p > 0.5;
-  const double target = upper ? 1.0 - p : p;
-  const double lbeta = log_beta(a, b);
-  double x;
+// A starting point for I_x(a, b) = p: Abramowitz & Stegun 26.5.22 for a, b >= 1, the two power-law
+// tails of the density otherwise.
+double beta_ppf_guess(double p, double a, double b) {
   if (a >= 1.0 && b >= 1.0) {
-    const double pp = upper ? 1.0 - p : p;
+    const double pp = p < 0.5 ? p : 1.0 - p;
     const double t = std::sqrt(-2.0 * std::log(pp));
     double z = (2.30753 + t * 0.27061) / (1.0 + t * (0.99229 + t * 0.04481)) - t;
-    if (!upper) z = -z;
+    if (p < 0.5) z = -z;
     const double al = (z * z - 3.0) / 6.0;
     const double h = 2.0 / (1.0 / (2.0 * a - 1.0) + 1.0 / (2.0 * b - 1.0));
     const double w = z * std::sqrt(al + h) / h -
                      (1.0 / (2.0 * b - 1.0) - 1.0 / (2.0 * a - 1.0)) * (al + 5.0 / 6.0 - 2.0 / (3.0 * h));
-    x = a / (a + b * std::exp(2.0 * w));
-  } else {
-    const double t = std::exp(a * std::log(a / (a + b))) / a;
-    const double u = std::exp(b * std::log(b / (a + b))) / b;
-    const double w = t + u;
-    x = p < t / w ? std::pow(a * w * p, 1.0 / a) : 1.0 - std::pow(b * w * (1.0 - p), 1.0 / b);
+    return a / (a + b * std::exp(2.0 * w));
   }
-  if (!(x > 0.0 && x < 1.0)) x = 0.5;
-  double lo = 0.0, hi = 1.0;
+  const double t = std::exp(a * std::log(a / (a + b))) / a;
+  const double u = std::exp(b * std::log(b / (a + b))) / b;
+  const double w = t + u;
+  return p < t / w ? std::pow(a * w * p, 1.0 / a) : 1.0 - std::pow(b * w * (1.0 - p), 1.0 / b);
+}
+
+// z in (0, 1/2] with I_z(a, b) = p_lo, 1 - I_z(a, b) = p_hi (p_lo + p_hi = 1, the smaller of them
+// exact): Halley steps inside a bisection bracket, the residual taken on the smaller tail, where
+// ibeta_pair has full relative precision.
+double beta_solve_lower(double a, double b, double p_lo, double p_hi) {
+  const bool use_hi = p_hi < p_lo;
+  const double lbeta = log_beta(a, b);
+  double lo = 0.0, hi = 0.5;
+  double z = beta_ppf_guess(p_lo, a, b);
+  if (!(z > 0.0 && z < 0.5)) z = 0.25;
   for (int it = 0; it < 300; ++it) {
-    const auto [i, j] = ibeta_pair(a, b, x);
-    const double f = upper ? target - j : i - target;  // increasing in x either way
-    if (f == 0.0) return x;
-    if (f < 0.0) lo = x; else hi = x;
-    const double log_pdf = (a - 1.0) * std::log(x) + (b - 1.0) * std::log1p(-x) - lbeta;
-    const double u = f / std::exp(log_pdf);
-    const double curv = (a - 1.0) / x - (b - 1.0) / (1.0 - x);  // f'' / f'
+    const auto [i, j] = ibeta_pair(a, b, z);
+    const double f = use_hi ? p_hi - j : i - p_lo;  // increasing in z either way
+    if (f == 0.0) return z;
+    if (f < 0.0) lo = z; else hi = z;
+    const double u = f / std::exp((a - 1.0) * std::log(z) + (b - 1.0) * std::log1p(-z) - lbeta);
+    const double curv = (a - 1.0) / z - (b - 1.0) / (1.0 - z);  // f'' / f'
     const double denom = 1.0 - 0.5 * u * curv;
-    const double dx = (std::isfinite(denom) && denom > 0.5) ? u / denom : u;
-    double next = x - dx;
+    double next = z - ((std::isfinite(denom) && denom > 0.5) ? u / denom : u);
     if (!(next > lo && next < hi)) next = lo > 0.0 ? std::sqrt(lo * hi) : 0.5 * hi;
     if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (std::fabs(next - x) <= 2e-16 * x || next == x) return next;
-    x = next;
+    if (std::fabs(next - z) <= 2e-16 * z || next == z) return next;
+    z = next;
   }
-  return x;
+  return z;
+}
+
+// x with I_x(a, b) = p, the inverse regularized incomplete beta function (scipy.stats.beta.ppf).
+// Solved for min(x, 1 - x): beyond 1/2 as 1 - z with I_z(b, a) = 1 - p, so x near 1 is as precise
+// as x near 0.
+double beta_ppf_one(double p, double a, double b) {
+  if (!(p >= 0.0 && p <= 1.0)) value_error("beta_ppf needs p in [0, 1], got " + fmt(p));
+  if (p == 0.0) return 0.0;
+  if (p == 1.0) return 1.0;
+  if (a == b && p == 0.5) return 0.5;  // the median by symmetry (the iteration stops ~2 ulps off)
+  const double q = 1.0 - p;  // exact for p >= 1/2, the case where the residual reads it
+  if (p <= ibeta_pair(a, b, 0.5).first) return beta_solve_lower(a, b, p, q);
+  return 1.0 - beta_solve_lower(b, a, q, p);
 }
 
 // --- sigma schedules (k-diffusion's, as diffusers' _convert_to_* write them) -----------------
@@ -282,7 +323,8 @@ Vec lu_lambdas(double lambda_min, double lambda_max, int64_t n) {
 
 // diffusers' _sigma_to_t: the fractional training index of log_sigma, interpolated linearly in
 // log sigma between the two training entries around it (clamped to the table's ends). `table`
-// rounds like the training table (low - high is float32 there), `point` like log_sigma.
+// rounds like the training table (low - high is float32 there: exact by Sterbenz but where log sigma
+// crosses 0, and even there ~1e-8 of a step, below a float32 timestep's ulp), `point` like log_sigma.
 double sigma_to_t(double log_sigma, const Vec& log_sigmas, Round table, Round point) {
   const int64_t n = static_cast<int64_t>(log_sigmas.size());
   int64_t low_idx = 0;  // the last index with log_sigmas[k] <= log_sigma, else 0
@@ -354,7 +396,7 @@ bool use_terminal(const std::optional<double>& st) {
 
 // The sigmas the scheduler holds after __init__ (torch float32): sigma = t / N for t = N..1, shifted
 // by `shift` unless use_dynamic_shifting; timesteps = sigma * N. Their ends are sigma_max / sigma_min.
-py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
+std::pair<Vec, Vec> flow_train(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
   check_num_train(num_train_timesteps);
   check_shift(shift, "shift");
   const int64_t n = num_train_timesteps;
@@ -362,6 +404,11 @@ py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_
   for (int64_t i = 0; i < n; ++i) s[i] = kF32(static_cast<double>(n - i) / static_cast<double>(n));
   if (!use_dynamic_shifting) s = shift_sigmas(s, shift, kF32);
   for (int64_t i = 0; i < n; ++i) t[i] = kF32(s[i] * static_cast<double>(n));
+  return {s, t};
+}
+
+py::tuple flow_train_sigmas(int64_t num_train_timesteps, double shift, bool use_dynamic_shifting) {
+  const auto [s, t] = flow_train(num_train_timesteps, shift, use_dynamic_shifting);
   return py::make_tuple(from_vec(s), from_vec(t));
 }
 
@@ -411,9 +458,8 @@ py::tuple flow_sigmas(int64_t num_train_timesteps, std::optional<int64_t> num_in
   } else if (timesteps_in) {
     for (int64_t i = 0; i < n; ++i) s[i] = kF32(ts32[i] / N);
   } else {
-    const py::tuple train = flow_train_sigmas(num_train_timesteps, shift, use_dynamic_shifting);
-    const Vec ts = to_vec(train[0].cast<DoubleArray>(), "train sigmas");
-    const double smax = sigma_max ? *sigma_max : ts.front(), smin = sigma_min ? *sigma_min : ts.back();
+    const Vec train = flow_train(num_train_timesteps, shift, use_dynamic_shifting).first;
+    const double smax = sigma_max ? *sigma_max : train.front(), smin = sigma_min ? *sigma_min : train.back();
     check_in({smin, smax}, "sigma_min / sigma_max", 0.0, 1.0);
     s = np_linspace(smax * N, smin * N, n);
     for (auto& v : s) v = v / N;
@@ -477,7 +523,8 @@ struct Table {
 // them from torch and numpy, whose float32 sqrt and log round differently from IEEE.
 Table make_table(const DoubleArray& sigmas, const DoubleArray& log_sigmas, double final_sigma, bool float32) {
   Table tb{to_vec(sigmas, "train_sigmas"), to_vec(log_sigmas, "log_sigmas"), final_sigma, Round{float32}};
-  if (tb.sigmas.size() < 2) value_error("the training table needs at least 2 sigmas, got " + std::to_string(tb.sigmas.size()));
+  if (tb.sigmas.size() < 2)
+    value_error("the training table needs at least 2 sigmas, got " + std::to_string(tb.sigmas.size()));
   if (tb.log_sigmas.size() != tb.sigmas.size())
     value_error("train_sigmas and log_sigmas must have the same length, got " + std::to_string(tb.sigmas.size()) +
                 " and " + std::to_string(tb.log_sigmas.size()));
@@ -485,7 +532,8 @@ Table make_table(const DoubleArray& sigmas, const DoubleArray& log_sigmas, doubl
     if (!(tb.sigmas[i] > 0.0 && std::isfinite(tb.sigmas[i])))
       value_error("train_sigmas must be finite and > 0 (alphas_cumprod in (0, 1)), got train_sigmas[" +
                   std::to_string(i) + "] = " + fmt(tb.sigmas[i]));
-  if (!(final_sigma >= 0.0 && std::isfinite(final_sigma))) value_error("final_sigma must be finite and >= 0, got " + fmt(final_sigma));
+  if (!(final_sigma >= 0.0 && std::isfinite(final_sigma)))
+    value_error("final_sigma must be finite and >= 0, got " + fmt(final_sigma));
   return tb;
 }
 
@@ -530,34 +578,18 @@ Vec euler_timesteps(int64_t N, int64_t n, const std::string& spacing, int64_t st
   return t;
 }
 
-// log-linear interpolation: torch.linspace(log sigma_max, log sigma_min, n + 1).exp() in float32;
-// torch's linspace is start + step i for the first half, end - step (n - i) for the rest, each one
-// fused multiply-add (its CPU kernel is built with FMA contraction).
+// log-linear interpolation, n + 1 sigmas from sigma_max down to sigma_min evenly in log sigma; as
+// torch.linspace (first half start + step i, second half end - step (n - i)), in float64. diffusers'
+// float32 values come from torch (its float32 exp is not correctly rounded) through the facade.
 Vec log_linear_sigmas(const Table& tb, int64_t n) {
   const int64_t steps = n + 1;
   const double start = tb.log_sigmas.back(), end = tb.log_sigmas.front();
+  const double step = (end - start) / static_cast<double>(steps - 1);
   Vec s(steps);
-  if (tb.P.f32) {
-    const float a = static_cast<float>(start), b = static_cast<float>(end);
-    const float step = (b - a) / static_cast<float>(steps - 1);
-    for (int64_t i = 0; i < steps; ++i) {
-      const float v = i < steps / 2 ? std::fmaf(step, static_cast<float>(i), a)
-                                    : std::fmaf(-step, static_cast<float>(steps - i - 1), b);
-      s[i] = kF32(std::exp(static_cast<double>(v)));
-    }
-  } else {
-    const double step = (end - start) / static_cast<double>(steps - 1);
-    for (int64_t i = 0; i < steps; ++i)
-      s[i] = std::exp(i < steps / 2 ? start + step * i : end - step * (steps - i - 1));
-  }
+  for (int64_t i = 0; i < steps; ++i)
+    s[i] = std::exp(i < steps / 2 ? start + step * static_cast<double>(i)
+                                  : end - step * static_cast<double>(steps - i - 1));
   return s;
-}
-
-// timestep_type "continuous" with v_prediction: t = log(sigma) / 4 of the float32 sigmas.
-Vec continuous_timesteps(const Vec& sigmas, Round P) {
-  Vec t(sigmas.size() - 1);
-  for (size_t i = 0; i + 1 < sigmas.size(); ++i) t[i] = P(0.25 * P(std::log(P(sigmas[i]))));
-  return t;
 }
 
 // EulerDiscreteScheduler.set_timesteps without a sigmas list. Returns (sigmas + [final], timesteps).
@@ -566,7 +598,7 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
                        int64_t steps_offset, const std::string& interpolation_type, bool use_karras_sigmas,
                        bool use_exponential_sigmas, bool use_beta_sigmas, std::optional<double> sigma_min,
                        std::optional<double> sigma_max, const std::string& final_sigmas_type,
-                       bool continuous_v, const OptVec& timesteps_in) {
+                       const OptVec& timesteps_in, const OptVec& log_linear_in) {
   const Table tb = make_table(train_sigmas, log_sigmas, final_sigma, float32);
   const int64_t N = static_cast<int64_t>(tb.sigmas.size());
   check_one_sigma_kind(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas);
@@ -577,8 +609,8 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   int64_t n;
   if (timesteps_in) {
     if (num_inference_steps) value_error("give num_inference_steps or timesteps, not both");
-    if (convert) value_error("timesteps cannot be given with use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas");
-    if (continuous_v) value_error("timesteps cannot be given with timestep_type 'continuous' and v_prediction");
+    if (convert)
+      value_error("timesteps cannot be given with use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas");
     t = to_vec(*timesteps_in, "timesteps");
     check_finite(t, "timesteps");
     for (auto& v : t) v = tb.P(v);
@@ -593,7 +625,14 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   Vec s;
   if (interpolation_type == "linear") {
     for (double v : t) s.push_back(np_interp(v, tb.sigmas));
+  } else if (log_linear_in) {
+    s = to_vec(*log_linear_in, "log_linear_sigmas");
+    if (static_cast<int64_t>(s.size()) != n + 1)
+      value_error("log_linear_sigmas must hold num_inference_steps + 1 = " + std::to_string(n + 1) + " values, got " +
+                  std::to_string(s.size()));
+    check_in(s, "log_linear_sigmas", 0.0, std::numeric_limits<double>::max());
   } else {
+    if (tb.P.f32) value_error("float32 tables need log_linear_sigmas from torch (its float32 exp is not IEEE's)");
     s = log_linear_sigmas(tb, n);
   }
   if (convert) {
@@ -605,7 +644,6 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
     t = sigmas_to_t(s, tb.log_sigmas, tb.P);
   }
   s.push_back(last);
-  if (continuous_v) t = continuous_timesteps(s, tb.P);
   return py::make_tuple(from_vec(s), from_vec(t));
 }
 
@@ -613,19 +651,19 @@ py::tuple euler_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
 // float32 and each but the last mapped to a timestep by _sigma_to_t, in numpy float32.
 // log_sigma[i] = log(max(sigmas[i], 1e-10)) as numpy computes it (float32: numpy's own log).
 py::tuple euler_sigmas_from_list(const DoubleArray& sigmas_in, const DoubleArray& log_sigma_in,
-                                 const DoubleArray& train_sigmas, const DoubleArray& log_sigmas, bool float32,
-                                 bool continuous_v) {
+                                 const DoubleArray& train_sigmas, const DoubleArray& log_sigmas, bool float32) {
   const Table tb = make_table(train_sigmas, log_sigmas, 0.0, float32);
   Vec s = to_vec(sigmas_in, "sigmas");
   const Vec ls = to_vec(log_sigma_in, "log_sigma");
-  if (s.size() < 2) value_error("sigmas must hold at least 2 values (the last is the final sigma), got " + std::to_string(s.size()));
+  if (s.size() < 2)
+    value_error("sigmas must hold at least 2 values (the last is the final sigma), got " + std::to_string(s.size()));
   if (ls.size() != s.size())
-    value_error("sigmas and log_sigma must have the same length, got " + std::to_string(s.size()) + " and " + std::to_string(ls.size()));
+    value_error("sigmas and log_sigma must have the same length, got " + std::to_string(s.size()) + " and " +
+                std::to_string(ls.size()));
   check_in(s, "sigmas", 0.0, std::numeric_limits<double>::max());
   for (auto& v : s) v = tb.P(v);
   Vec t(s.size() - 1);
   for (size_t i = 0; i + 1 < s.size(); ++i) t[i] = sigma_to_t(ls[i], tb.log_sigmas, tb.P, tb.P);
-  if (continuous_v) t = continuous_timesteps(s, tb.P);
   return py::make_tuple(from_vec(s), from_vec(t));
 }
 
@@ -658,7 +696,9 @@ int64_t dpm_last_timestep(const Vec& lambdas, double lambda_min_clipped, Round P
   int64_t clipped = 0;
   for (auto it = lambdas.rbegin(); it != lambdas.rend() && *it < clip; ++it) ++clipped;
   const int64_t last = static_cast<int64_t>(lambdas.size()) - clipped;
-  if (last < 1) value_error("lambda_min_clipped = " + fmt(lambda_min_clipped) + " clips every timestep (the largest lambda_t is " + fmt(lambdas.front()) + ")");
+  if (last < 1)
+    value_error("lambda_min_clipped = " + fmt(lambda_min_clipped) + " clips every timestep (the largest lambda_t is " +
+                fmt(lambdas.front()) + ")");
   return last;
 }
 
@@ -672,7 +712,8 @@ py::tuple dpm_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_sig
   const Vec lambdas = to_vec(lambdas_in, "lambdas");
   const int64_t N = static_cast<int64_t>(tb.sigmas.size());
   if (lambdas.size() != tb.sigmas.size())
-    value_error("lambdas must have one entry per training step (" + std::to_string(N) + "), got " + std::to_string(lambdas.size()));
+    value_error("lambdas must have one entry per training step (" + std::to_string(N) + "), got " +
+                std::to_string(lambdas.size()));
   check_one_sigma_kind(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas);
   check_shift(flow_shift, "flow_shift");
   if (std::isnan(lambda_min_clipped)) value_error("lambda_min_clipped must not be NaN");
@@ -690,7 +731,8 @@ py::tuple dpm_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_sig
     check_steps(n);
     for (size_t i = 0; i < t.size(); ++i)
       if (t[i] < 0 || t[i] >= N)
-        value_error("timesteps must lie in [0, " + std::to_string(N) + "), got timesteps[" + std::to_string(i) + "] = " + std::to_string(t[i]));
+        value_error("timesteps must lie in [0, " + std::to_string(N) + "), got timesteps[" + std::to_string(i) +
+                    "] = " + std::to_string(t[i]));
   } else {
     if (!num_inference_steps) value_error("num_inference_steps or timesteps is required");
     n = *num_inference_steps;
@@ -752,7 +794,8 @@ py::tuple unipc_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
   if (sigmas_in) {
     if (!use_flow_sigmas) value_error("sigmas can only be given with use_flow_sigmas=True");
     if (num_inference_steps && *num_inference_steps != static_cast<int64_t>(user.size()))
-      value_error("sigmas must have num_inference_steps = " + std::to_string(*num_inference_steps) + " entries, got " + std::to_string(user.size()));
+      value_error("sigmas must have num_inference_steps = " + std::to_string(*num_inference_steps) +
+                  " entries, got " + std::to_string(user.size()));
     check_in(user, "sigmas", 0.0, 1.0);
     n = static_cast<int64_t>(user.size());
   } else {
@@ -767,6 +810,9 @@ py::tuple unipc_sigmas(const DoubleArray& train_sigmas, const DoubleArray& log_s
     Vec in = sigmas_in ? user : tb.sigmas, logs = tb.log_sigmas;
     Round table = tb.P;
     if (sigmas_in) {
+      if (!(use_karras_sigmas && use_flow_sigmas) && user.size() < 2)
+        value_error("use_exponential_sigmas / use_beta_sigmas with a sigmas list map sigmas to timesteps through "
+                    "the list's log, which needs at least 2 sigmas, got 1");
       logs = user;
       for (auto& v : logs) v = std::log(v);
       table = kF64;
@@ -858,10 +904,10 @@ void register_sigmas(py::module_& m) {
   m.def("euler_sigmas", &euler_sigmas, arg("train_sigmas"), arg("log_sigmas"), arg("final_sigma"), arg("float32"),
         arg("num_inference_steps"), arg("timestep_spacing"), arg("steps_offset"), arg("interpolation_type"),
         arg("use_karras_sigmas"), arg("use_exponential_sigmas"), arg("use_beta_sigmas"), arg("sigma_min"),
-        arg("sigma_max"), arg("final_sigmas_type"), arg("continuous_v"), arg("timesteps"),
+        arg("sigma_max"), arg("final_sigmas_type"), arg("timesteps"), arg("log_linear_sigmas"),
         "EulerDiscreteScheduler.set_timesteps: (sigmas + [final], timesteps).");
   m.def("euler_sigmas_from_list", &euler_sigmas_from_list, arg("sigmas"), arg("log_sigma"), arg("train_sigmas"),
-        arg("log_sigmas"), arg("float32"), arg("continuous_v"),
+        arg("log_sigmas"), arg("float32"),
         "EulerDiscreteScheduler.set_timesteps(sigmas=...): (sigmas, timesteps).");
   m.def("dpm_sigmas", &dpm_sigmas, arg("train_sigmas"), arg("log_sigmas"), arg("lambdas"), arg("final_sigma"),
         arg("float32"), arg("num_inference_steps"), arg("timestep_spacing"), arg("steps_offset"),

@@ -90,7 +90,8 @@ def vp_table(alphas_cumprod) -> VPTable:
     bad = ~((ab > 0) & (ab < 1))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"alphas_cumprod must lie in the open interval (0, 1), got alphas_cumprod[{i}] = {float(ab[i])}")
+        raise ValueError("alphas_cumprod must lie in the open interval (0, 1), got "
+                         f"alphas_cumprod[{i}] = {float(ab[i])}")
     sigmas = ((1 - ab) / ab) ** 0.5
     lambdas = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))
     final = ((1 - ab[0]) / ab[0]) ** 0.5
@@ -138,7 +139,8 @@ def flow_sigmas(num_inference_steps: Optional[int] = None, *, num_train_timestep
                          None if shift_terminal is None else float(shift_terminal), bool(use_karras_sigmas),
                          bool(use_exponential_sigmas), bool(use_beta_sigmas), bool(invert_sigmas),
                          _f64(sigmas, "sigmas"), _f64(timesteps, "timesteps"),
-                         None if sigma_min is None else float(sigma_min), None if sigma_max is None else float(sigma_max))
+                         None if sigma_min is None else float(sigma_min),
+                         None if sigma_max is None else float(sigma_max))
 
 
 def index_for_timestep(timesteps, timestep) -> int:
@@ -171,24 +173,43 @@ def euler_sigmas(alphas_cumprod, num_inference_steps: Optional[int] = None, *, t
 
     Give exactly one of num_inference_steps, ``timesteps`` or ``sigmas`` (a list that already ends
     with its final sigma: n + 1 values for n steps, returned as given, in float32 like diffusers).
+    With timestep_type "continuous" and v_prediction the timesteps are log(sigma) / 4.
     """
     tb = vp_table(alphas_cumprod)
     continuous_v = _continuous_v(timestep_type, prediction_type)
+    if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
+        raise ValueError("give exactly one of num_inference_steps, timesteps or sigmas")
     if sigmas is not None:
-        if timesteps is not None or num_inference_steps is not None:
-            raise ValueError("give exactly one of num_inference_steps, timesteps or sigmas")
         s = _f64(sigmas, "sigmas")
         with np.errstate(all="ignore"):  # C++ names a negative or non-finite sigma
             # numpy's log, in float32 as diffusers' _sigma_to_t on its float32 list
             ls = (np.log(np.maximum(s.astype(np.float32), np.float32(1e-10))).astype(np.float64) if tb.float32
                   else np.log(np.maximum(s, 1e-10)))
-        return C.euler_sigmas_from_list(s, ls, tb.sigmas, tb.log_sigmas, tb.float32, continuous_v)
-    return C.euler_sigmas(tb.sigmas, tb.log_sigmas, tb.final_sigma, tb.float32, _steps(num_inference_steps),
-                          str(timestep_spacing), int(steps_offset), str(interpolation_type), bool(use_karras_sigmas),
-                          bool(use_exponential_sigmas), bool(use_beta_sigmas),
-                          None if sigma_min is None else float(sigma_min),
-                          None if sigma_max is None else float(sigma_max), str(final_sigmas_type), continuous_v,
-                          _f64(timesteps, "timesteps"))
+        s, t = C.euler_sigmas_from_list(s, ls, tb.sigmas, tb.log_sigmas, tb.float32)
+    else:
+        if timesteps is not None and continuous_v:
+            raise ValueError("timesteps cannot be given with timestep_type 'continuous' and v_prediction")
+        timesteps = _f64(timesteps, "timesteps")
+        n = _steps(num_inference_steps)
+        log_linear = None
+        if interpolation_type == "log_linear" and tb.float32:
+            k = n if timesteps is None else len(timesteps)
+            if k is not None and k >= 1:
+                # diffusers: torch.linspace(log sigma_max, log sigma_min, n + 1).exp(), torch's float32 exp
+                log_linear = torch.linspace(float(tb.log_sigmas[-1]), float(tb.log_sigmas[0]), k + 1).exp()
+                log_linear = log_linear.numpy().astype(np.float64)
+        s, t = C.euler_sigmas(tb.sigmas, tb.log_sigmas, tb.final_sigma, tb.float32, n, str(timestep_spacing),
+                              int(steps_offset), str(interpolation_type), bool(use_karras_sigmas),
+                              bool(use_exponential_sigmas), bool(use_beta_sigmas),
+                              None if sigma_min is None else float(sigma_min),
+                              None if sigma_max is None else float(sigma_max), str(final_sigmas_type), timesteps,
+                              log_linear)
+    if continuous_v:
+        if tb.float32:  # diffusers: 0.25 * sigma.log() per float32 sigma (torch's float32 log)
+            t = np.array([float(0.25 * x.log()) for x in torch.from_numpy(s[:-1].astype(np.float32))])
+        else:
+            t = 0.25 * np.log(s[:-1])
+    return s, t
 
 
 def euler_ancestral_sigmas(alphas_cumprod, num_inference_steps: int, *, timestep_spacing: str = "linspace",
@@ -224,9 +245,10 @@ def dpm_sigmas(alphas_cumprod, num_inference_steps: Optional[int] = None, *, tim
 
     diffusers' precedence among the sigma options holds: karras, lu, exponential, beta, flow.
     ``beta_schedule`` matters only as diffusers reads it: with "squaredcos_cap_v2" the karras / lu
-    timesteps are truncated, not rounded. ``mu`` sets flow_shift = exp(mu) (numpy's exp, as
-    diffusers: it differs from libm's in the last bit for ~5% of arguments on AVX-512, and the
-    first flow timestep, truncated to an int, can turn on that bit).
+    timesteps are truncated, not rounded. ``mu`` sets flow_shift = exp(mu) with numpy's exp, as
+    diffusers does (it differs from libm's in the last bit for ~5% of arguments on AVX-512; that bit
+    could only show after the float32 cast or the int truncation near a tie: in 3000 random mu it
+    never did).
     """
     if mu is not None:
         if not (use_dynamic_shifting and time_shift_type == "exponential"):
