@@ -11,7 +11,7 @@ from .engine.tables import COLUMNS, Table
 from .graphs import GraphedSampler
 from .engine.kernels.philox import randn
 from .samplers import (SAMPLERS, ConsistencySampler, DDIMSampler, DDPMSampler, DPMSolverSampler,
-                       DPMSolverSDESampler, FlowDDIMSampler, FlowDPMSolverSampler, FlowEulerSampler, FlowStochasticSampler, OCMDDIMSampler, OCMDDPMSampler, OCMFlowSampler, Sampler, make_sampler,
+                       DPMSolverSDESampler, EulerAncestralSampler, EulerSampler, FlowDDIMSampler, FlowDPMSolverSampler, FlowEulerSampler, FlowStochasticSampler, OCMDDIMSampler, OCMDDPMSampler, OCMFlowSampler, Sampler, make_sampler,
                        register_sampler)
 from .training.consistency import ConsistencyDistillation
 from .training.ocm import ProbeHead, ocm_loss, ocm_target, train_head
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COLUMNS", "ConsistencyDistillation", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "DPMSolverSDESampler",
-    "DPMSolverSampler", "FlowDDIMSampler", "FlowDPMSolverSampler",
+    "DPMSolverSampler", "EulerAncestralSampler", "EulerSampler", "FlowDDIMSampler", "FlowDPMSolverSampler",
     "FlowEulerSampler", "FlowSchedule", "FlowStochasticSampler", "GraphedSampler", "OCMDDIMSampler", "OCMDDPMSampler",
     "OCMFlowSampler", "ProbeHead", "SAMPLERS", "Sampler", "Schedule", "StepOptions", "Table",
     "make_sampler", "ocm_loss", "ocm_target", "randn", "register_sampler", "sample", "step", "train_head",

@@ -53,7 +53,7 @@ from typing import Optional, Sequence
 import torch
 
 from .engine import backend as _backend
-from .engine.kernels import philox
+
 from .samplers.base import Sampler, check_sample_args
 from .samplers.registry import make_sampler
 
@@ -220,8 +220,7 @@ class GraphCache:
 
         def body():
             if x is None:
-                philox.randn(shape, seed, stream=philox.STREAM_INIT, index_offset=index_offset, out=static_x,
-                             backend=sampler.backend)
+                sampler.initial_noise(shape, seed, index_offset, out=static_x)
             sampler.loop(model, static_x, seed, sample_offset=sample_offset)
 
         with torch.no_grad(), _on_device(device):

@@ -60,6 +60,8 @@ class Sampler:
     var_mode = "table"
     timestep_dtype = torch.int64
     history_slots = 0  # multistep solvers: 1 (the previous x0_hat, column c_h0)
+    init_noise_sigma = 1.0  # the scale of x_T
+    scaled_input = False  # sigma space: the model sees c_in x, which each step writes for the next
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -176,15 +178,18 @@ class Sampler:
         # from uninitialised memory would not be).
         hist = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(2)] \
             if self.history_slots else None
+        # Sigma space: one pass makes the first scaled input; every step writes the next one.
+        model_in = x * self.first_input_scale if self.scaled_input else None
         for i in steps:
             t = t_rows[i]
-            model_output, aux = self._call_model(model, x, t)
-            if hist is None:
-                step(x, model_output, self.table, ids[i], self.options, seed=noise_seed,
-                     sample_offset=sample_offset, aux=aux, out=x)
-            else:
-                step(x, model_output, self.table, ids[i], self.options, seed=noise_seed,
-                     sample_offset=sample_offset, aux=aux, history=(hist[i % 2],), x0_out=hist[(i + 1) % 2], out=x)
+            model_output, aux = self._call_model(model, x if model_in is None else model_in, t)
+            extra = {}
+            if hist is not None:
+                extra.update(history=(hist[i % 2],), x0_out=hist[(i + 1) % 2])
+            if model_in is not None:
+                extra["model_in_out"] = model_in
+            step(x, model_output, self.table, ids[i], self.options, seed=noise_seed, sample_offset=sample_offset,
+                 aux=aux, out=x, **extra)
             if callback is not None:
                 callback(i, t, x)
         return x
@@ -203,14 +208,22 @@ class Sampler:
         shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
         seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
         if x is None:
-            per_sample = math.prod(shape[1:])
-            x = philox.randn(shape, seed_t, stream=philox.STREAM_INIT, index_offset=sample_offset * per_sample,
-                             device=device, dtype=dtype, backend=self.backend)
+            x = self.initial_noise(shape, seed_t, sample_offset * math.prod(shape[1:]), device=device, dtype=dtype)
         else:
             x = x.clone(memory_format=torch.contiguous_format)
         return self.loop(model, x, seed_t, sample_offset=sample_offset, progress=progress, callback=callback)
 
     __call__ = sample
+
+    def initial_noise(self, shape, seed: torch.Tensor, index_offset: int, *, device=None, dtype=torch.float32,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_T for this sampler: Philox normals keyed by seed and global index (stream STREAM_INIT),
+        times ``init_noise_sigma`` (1 on the VP and flow paths, sigma_max in sigma space)."""
+        x = philox.randn(shape, seed, stream=philox.STREAM_INIT, index_offset=index_offset, device=device,
+                         dtype=dtype, out=out, backend=self.backend)
+        if self.init_noise_sigma != 1.0:
+            x.mul_(self.init_noise_sigma)  # a host float: no sync, capturable
+        return x
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r}, "
