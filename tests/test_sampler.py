@@ -154,7 +154,7 @@ def test_thresholding_and_clipping_sampler_vs_reference_backend():
 
 
 @pytest.mark.parametrize("call,exc,match", [
-    (lambda: fastdiff.sample(LinearModel(), (2, 3), sampler="euler"), ValueError, "unknown sampler 'euler'"),
+    (lambda: fastdiff.sample(LinearModel(), (2, 3), sampler="heun"), ValueError, "unknown sampler 'heun'"),
     (lambda: fastdiff.sample(LinearModel(), (2, 3), eta=-1.0), ValueError, "eta must be a finite number >= 0"),
     (lambda: fastdiff.sample(LinearModel(), (2, 3), seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\)"),
     (lambda: fastdiff.sample(LinearModel(), (2, 0)), ValueError, "positive sizes"),
