@@ -31,23 +31,26 @@ any split; a network may not be: PyTorch's convolutions pick kernels by batch si
 CPU the demo UNet's output for a sample moved by ~1e-6 between a batch of 64 and one of 12,
 while per-rank batches of 16, 24, 32, ... gave the same bits (notes/distributed.md).
 
-**diffusers pipelines with context parallelism** (``transformer.enable_parallelism(config=
-ContextParallelConfig(ring_degree=... or ulysses_degree=...))``, diffusers >= 0.35). There the
-transformer splits its input along the sequence and gathers its output, so the pipeline, and
-the scheduler, see the whole latent on every rank. fastdiff's drop-ins work unchanged; give every
-rank the same noise: ::
+**diffusers pipelines with context parallelism** (diffusers >= 0.35:
+``pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))`` or
+``ulysses_degree=2``, under torchrun). The transformer splits its input along the sequence and
+gathers its output, so the pipeline, and so the scheduler, see the whole latent on every rank:
+every rank runs the scheduler on the whole latent, and the ranks must agree on every random
+number. fastdiff's drop-ins plug in unchanged: ::
 
     from fastdiff.diffusers import FlowMatchEulerDiscreteScheduler
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.scheduler.set_noise_seed(1234)    # in-kernel noise: identical on every rank, no generator
-    out = pipe(prompt, generator=torch.Generator("cuda").manual_seed(0))   # same seed on all ranks
+    pipe.scheduler.set_noise_seed(1234)       # step noise drawn in-kernel, the same on every rank
+    image = pipe(prompt, generator=torch.Generator("cuda").manual_seed(0)).images[0]
 
-(the initial latents come from the pipeline's generator, so it must be seeded alike on every
-rank). Where the latents stay sharded between steps (xDiT's layout, or a loop written by hand
-that keeps rank r's slice of the tokens), tell the scheduler which slice it holds, and it draws
+The initial latents come from the pipeline's ``generator``: seed it alike on every rank. The
+step noise (DDPM, DDIM with eta > 0, ``stochastic_sampling=True``; flow Euler draws none) comes
+from ``set_noise_seed`` with no generator state to keep in step, or from the same generator.
+Where the latents stay sharded between steps (xDiT's layout, or a hand-written loop that keeps
+rank r's slice of the tokens), tell the scheduler which slice it steps, and it draws exactly
 that slice of the full latent's noise, so no two shards repeat one noise patch: ::
 
-    shard = fastdiff.distributed.Shard.split(latents_shape, 1, world_size, rank)  # torch.tensor_split's rule
+    shard = fastdiff.distributed.Shard.split(latents_shape, 1, world_size, rank)  # tensor_split's rule
     scheduler.set_noise_seed(1234, shard=shard)    # step() now receives shard.take(latents)
     latents = fastdiff.randn(shard.local_shape, 1234, device="cuda", **shard.noise_index)
 
