@@ -74,7 +74,8 @@ def test_shard_errors_name_the_constraint():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("full,dim,start,length", [((3, 7, 5), 1, 2, 3), ((2, 3, 4, 5, 3), 3, 1, 3),
-                                                   ((4, 9), 1, 4, 5), ((5, 3, 2), 0, 1, 3)])
+                                                   ((4, 9), 1, 4, 5), ((5, 3, 2), 0, 1, 3),
+                                                   ((3, 6, 4), 1, 2, 3)])  # runs of whole Philox groups
 def test_randn_on_a_shard_is_that_part_of_the_full_noise(backend, full, dim, start, length):
     sh = Shard(full, dim, start, length, sample_offset=3)
     whole = philox.randn(full, 77, index_offset=3 * int(np.prod(full[1:])), backend=backend)
@@ -82,10 +83,11 @@ def test_randn_on_a_shard_is_that_part_of_the_full_noise(backend, full, dim, sta
     assert torch.equal(part, sh.take(whole))
 
 
-def test_torch_runs_straddle_chunks(monkeypatch):
+@pytest.mark.parametrize("inner", [3, 4])  # runs of single elements / of whole Philox groups
+def test_torch_runs_straddle_chunks(monkeypatch, inner):
     monkeypatch.setattr(philox, "_TORCH_CHUNK", 64)  # chunk edges fall inside runs
-    sh = Shard((3, 50, 3), 1, 7, 29)
-    whole = philox.randn((3, 50, 3), 5, backend="torch")
+    sh = Shard((3, 50, inner), 1, 7, 29)
+    whole = philox.randn((3, 50, inner), 5, backend="torch")
     assert torch.equal(philox.randn(sh.local_shape, 5, backend="torch", **sh.noise_index), sh.take(whole))
 
 
@@ -102,7 +104,8 @@ STEP_CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(STEP_CASES))
 @pytest.mark.parametrize("full,dim,start,length", [((3, 7, 5), 1, 2, 3), ((2, 3, 4, 5, 3), 2, 1, 2),
-                                                   ((2, 6, 5), -1, 3, 2), ((4, 3, 2), 0, 1, 2)])
+                                                   ((2, 6, 5), -1, 3, 2), ((4, 3, 2), 0, 1, 2),
+                                                   ((2, 6, 8), 1, 1, 3)])
 def test_step_on_a_shard_is_that_part_of_the_full_step(backend, case, full, dim, start, length):
     sampler, options = STEP_CASES[case]
     table, _, ids = sampler.device_state("cpu")
@@ -205,3 +208,28 @@ def test_drop_ins_on_a_shard_draw_its_part_of_the_noise():
             part.step(m, t, x)
         with pytest.raises(ValueError, match="give it with a seed"):
             part.set_noise_seed(None, shard=sh)
+
+
+# -- on a GPU: the compiled kernels -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_shard_noise_and_step_are_the_full_ones_sliced(dtype):
+    """normal_at (a shard's per-element noise) and normal_block (consecutive indices) compiled for
+    the GPU give the same bits; so do the sharded and full steps, eager and graphed."""
+    full = (2, 4, 96, 40)  # a shard of rows: 2 * 4 runs of 24 * 40 indices
+    sh = Shard.split(full, 2, 4, 1)
+    whole = philox.randn(full, 5, device="cuda", dtype=dtype)
+    assert torch.equal(philox.randn(sh.local_shape, 5, device="cuda", dtype=dtype, **sh.noise_index), sh.take(whole))
+    table, _, ids = DDIMSampler(steps=5, eta=0.9).device_state("cuda")
+    x = torch.randn(full, device="cuda", dtype=dtype)
+    m = torch.randn(full, device="cuda", dtype=dtype)
+    seed = torch.tensor([3], device="cuda")
+    ref = step(x, m, table, ids[1], seed=seed)
+    assert torch.equal(shard_step(sh.take(x), sh.take(m), table, ids[1], shard=sh, seed=seed), sh.take(ref))
+    kw = dict(sampler="ddim", eta=0.9, steps=5, seed=2, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        eager = fastdiff.sample(model, full, **kw)
+        assert torch.equal(fastdiff.sample(model, shard=sh, **kw), sh.take(eager))
+        assert torch.equal(fastdiff.sample(model, shard=sh, cuda_graph=True, **kw), sh.take(eager))
+    graphs.reset()

