@@ -59,10 +59,12 @@ def worker(args) -> None:
 
 
 def run(procs: int, threads: int, args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
            os.path.abspath(__file__), "--worker", "--threads", str(threads), "--device", args.device,
-           "--sampler", args.sampler, "--steps", str(args.steps), "--samples", str(args.n), "--repeat", str(args.repeat)]
+           "--sampler", args.sampler, "--steps", str(args.steps), "--samples", str(args.n),
+           "--repeat", str(args.repeat)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
