@@ -132,6 +132,10 @@ def sample(model, shape: Optional[Sequence[int]] = None, *, dim: int = 0, gather
     ``cuda_graph=True`` captures one graph per rank (its own part's shape and offsets). The other
     keywords are ``fastdiff.sample``'s and the sampler's."""
     rank, size = world(group)
+    if cuda_graph and (progress or callback is not None):
+        # checked on every rank: rank 0 alone failing (its progress bar) would leave the others in the gather
+        raise ValueError("progress and callback need the eager loop: a CUDA graph replays the recorded kernels "
+                         "without running Python between steps; use cuda_graph=False")
     if x is not None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor (the whole x_T), got {type(x).__name__}")

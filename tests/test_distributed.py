@@ -167,6 +167,10 @@ def sample_every_case(rank, world):
             whole = fdd.sample(rank_model, shape, dim=dim, steps=STEPS, seed=11, **kw)
             mine = fdd.sample(rank_model, shape, dim=dim, steps=STEPS, seed=11, gather=False, **kw)
         out[name] = (whole.numpy(), mine.numpy())
+    try:  # 2 tokens over 3 ranks: refused on every rank alike, before any collective
+        fdd.sample(pointwise, (2, 2, 3), dim=1, steps=STEPS)
+    except ValueError as exc:
+        out["too-few"] = str(exc)
     return out
 
 
@@ -194,6 +198,7 @@ def test_every_split_gives_the_samples_of_one_process(tmp_path, references, worl
     # a rank with no samples (2 over 3 ranks) returns an empty part and still gathers everything
     if world == 3:
         assert per_rank[2]["dp/ddpm/empty-rank"][1].shape == (0, 3, 4)
+        assert all("every rank needs at least one" in res["too-few"] for res in per_rank.values())
 
 
 # -- failures -------------------------------------------------------------------------------------------
@@ -238,6 +243,8 @@ def test_errors_name_the_constraint(tmp_path):
     try:
         with pytest.raises(ValueError, match="not None"):
             fdd.sample(pointwise, SEQ, dim=None, steps=2)
+        with pytest.raises(ValueError, match="progress and callback need the eager loop"):
+            fdd.sample(pointwise, BATCH, steps=2, cuda_graph=True, progress=True)
         # one rank: the whole batch, the same bits as fastdiff.sample
         assert torch.equal(fdd.sample(pointwise, BATCH, sampler="ddpm", steps=2, seed=4),
                            fastdiff.sample(pointwise, BATCH, sampler="ddpm", steps=2, seed=4))
