@@ -15,6 +15,14 @@ error at small K for every sampler alike.
 
     python benchmarks/quality.py                 # full run: table, PNGs, notes/ocm_results.md
     python benchmarks/quality.py --quick         # smaller sample sets and training, for a smoke test
+    torchrun --nproc-per-node 2 benchmarks/quality.py    # the sample sets drawn by 2 processes
+
+Under torchrun every sample set is split across the ranks (fastdiff.distributed.sample) and
+gathered; rank 0 trains the heads (the others receive its weights), logs, and writes the files.
+The rows with exact networks and heads equal a one-process run's (checked with --quick). The
+trained-head rows change from run to run in any case (the head's initial weights come from
+torch's unseeded global generator), and the probe head draws its Rademacher probes from a
+generator per process, so its rows differ from a one-process run's by sampling noise.
 
 CPU, torch backend; runs in a few minutes on 2 cores.
 """
@@ -29,8 +37,10 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import fastdiff
+import fastdiff.distributed as fdd
 from fastdiff.training.ocm import MLPHead, ProbeHead, train_head
 from fastdiff.testbed import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
 
@@ -52,8 +62,19 @@ def metrics(gm, ref, x):
     return (frechet_distance(ref, x), sliced_wasserstein(ref, x, n_projections=128), mode_weight_error(gm, x))
 
 
+def sample(sampler, model, shape):
+    """All ``shape[0]`` samples, split across the ranks when run under torchrun."""
+    if dist.is_initialized():
+        return fdd.sample(model, shape, sampler=sampler, seed=0)
+    return sampler.sample(model, shape, seed=0)
+
+
 def train(gm, steps, hidden, log):
     head = MLPHead(gm.dim, gm.schedule, hidden=hidden)
+    if dist.is_initialized() and dist.get_rank() != 0:  # rank 0 trains; the others take its weights
+        for t in head.state_dict().values():
+            dist.broadcast(t, 0)
+        return head, float("nan"), 0.0, None
     t0 = time.perf_counter()
     hist = train_head(head, gm.model(), gm.sample_x0, gm.schedule, steps=steps, batch_size=256, lr=2e-3,
                       log_every=max(steps // 4, 1), callback=lambda s, l: log(f"    head step {s}: loss {l:.4g}"))
@@ -65,6 +86,9 @@ def train(gm, steps, hidden, log):
         pred = head(xt.float(), t).double()
     exact = gm.h(xt, t)
     rel = float(((pred - exact) ** 2).mean() / exact.var())
+    if dist.is_initialized():
+        for v in head.state_dict().values():
+            dist.broadcast(v, 0)
     return head, rel, time.perf_counter() - t0, hist
 
 
@@ -92,7 +116,7 @@ def run_mixture(name, gm, n, head_steps, hidden, log):
             t0 = time.perf_counter()
             s = fastdiff.make_sampler(sampler, gm.schedule, k, timestep_spacing="linspace", backend="torch", **kw)
             with torch.no_grad():
-                x = s.sample(model, (n, gm.dim), seed=0)
+                x = sample(s, model, (n, gm.dim))
             results[(label, k)] = metrics(gm, ref, x)
             log(f"  {label:17s} K={k:3d}  FD {results[(label, k)][0]:.4g}  SW2 {results[(label, k)][1]:.4g}  "
                 f"mode {results[(label, k)][2]:.4f}  ({time.perf_counter() - t0:.1f} s)")
@@ -151,11 +175,16 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "notes", "ocm_results.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    rank, size = 0, 1
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
+        fdd.init_from_env("cpu")
+        rank, size = fdd.world()
     start = time.perf_counter()
     lines = []
 
     def log(msg):
-        print(msg, flush=True)
+        if rank == 0:
+            print(msg, flush=True)
 
     q = args.quick
     cases = [
@@ -163,7 +192,8 @@ def main(argv=None):
         ("256-d mixture, 8 modes", GaussianMixture.random(256, 8, seed=2), 500 if q else 1000, 200 if q else 800, 256),
     ]
     env = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}, "
-           f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s)), torch {torch.__version__}, "
+           f"CPU ({platform.processor() or platform.machine()}, {size} process(es) of {args.threads} thread(s)), "
+           f"torch {torch.__version__}, "
            f"fastdiff {fastdiff.__version__}, backend torch, linear schedule (1000 steps), linspace spacing, "
            f"sampler seed 0{', --quick' if q else ''}")
     lines += ["## OCM sample quality on the analytic test bed (benchmarks/quality.py)", "", env, "",
@@ -173,6 +203,8 @@ def main(argv=None):
               "differences smaller than the exact-vs-exact row are noise.", ""]
     for name, gm, n, head_steps, hidden in cases:
         res = run_mixture(name, gm, n, head_steps, hidden, log)
+        if rank != 0:
+            continue
         md = table_md(name, res)
         print("\n" + md)
         lines += [md, ""]
@@ -181,6 +213,10 @@ def main(argv=None):
         plot(f"{name} ({env.split(',')[0]})", res, png)
         lines += [f"Plot: benchmarks/quality_{tag}.png", ""]
     total = time.perf_counter() - start
+    if size > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
     lines.append(f"Total run time {total:.0f} s.")
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

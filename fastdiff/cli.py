@@ -3,6 +3,8 @@
     fastdiff info                                   which backends are available and why
     fastdiff sample --sampler ocm-ddpm --steps 10 --out digits.png
                                                     digits from the packaged demo model, as a PNG grid
+    torchrun --nproc-per-node 2 -m fastdiff.cli sample --num-samples 1024 --out digits.png
+                                                    the same across 2 processes (each samples its part)
     fastdiff bench                                  the step microbenchmark: one fused step against
                                                     the same update as separate eager torch ops
     fastdiff bench --full [--quick]                 benchmarks/bench_step.py (from a source checkout)
@@ -46,16 +48,56 @@ def _sample(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):  # checked before sampling, not after
         raise _UsageError(f"--out {args.out}: the directory {out_dir} does not exist")
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
+        return _sample_distributed(args, device)
     t0 = time.perf_counter()
     x = demo.sample(args.sampler, args.steps, args.n, seed=args.seed, eta=args.eta, device=device,
                     backend=args.backend)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    _write_grid(args, x, time.perf_counter() - t0, str(device))
+    return 0
+
+
+def _write_grid(args, x, elapsed: float, where: str) -> None:
+    from . import demo
+
     grid = demo.image_grid(x, nrow=args.nrow, scale=args.scale)
     demo.write_png(args.out, grid)
     print(f"wrote {args.out}: {args.n} samples, sampler {args.sampler}, {args.steps} steps, seed {args.seed}, "
-          f"{grid.shape[1]}x{grid.shape[0]} px ({elapsed:.2f} s on {device})")
+          f"{grid.shape[1]}x{grid.shape[0]} px ({elapsed:.2f} s on {where})")
+
+
+def _sample_distributed(args, device) -> int:
+    """``fastdiff sample`` under torchrun: each rank samples its part of the batch and writes it next
+    to --out (a filesystem every rank sees); rank 0 merges the parts in rank order into the PNG
+    one process writes, and removes them. The progress bar is rank 0's."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from . import demo, distributed
+
+    device = distributed.init_from_env(device.type)
+    try:
+        rank, size = distributed.world()
+        model, sampler = demo.make_demo_sampler(args.sampler, args.steps, eta=args.eta, device=device,
+                                                backend=args.backend)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            mine = distributed.sample(model, (args.n,) + demo.IMAGE_SHAPE, sampler=sampler, seed=args.seed,
+                                      device=device, gather=False, progress=True)
+        stem = os.path.splitext(os.path.abspath(args.out))[0]
+        parts = [f"{stem}.rank{r}-of-{size}.npy" for r in range(size)]
+        np.save(parts[rank], mine.cpu().numpy())
+        dist.barrier()  # every part is on disk
+        if rank == 0:
+            x = torch.from_numpy(np.concatenate([np.load(p) for p in parts]))
+            for p in parts:
+                os.remove(p)
+            _write_grid(args, x, time.perf_counter() - t0, f"{device}, {size} ranks")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -258,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student: the progressively distilled student (2 or 4 steps); consistency: the "
                         "consistency-distilled model; the others run the demo UNet (default: ocm-ddpm)")
     p.add_argument("--steps", type=_positive_int("--steps", 1, 1000), default=10, help="sampling steps (default 10)")
-    p.add_argument("--n", type=_positive_int("--n", 1, 4096), default=64, help="number of digits (default 64)")
+    # --num-samples: the spelling torchrun passes on (its parser takes --n for an abbreviation of its own)
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int("--n", 1, 4096), default=64,
+                   help="number of digits (default 64)")
     p.add_argument("--seed", type=_positive_int("--seed", 0, 2**63 - 1), default=0)
     p.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM stochasticity (ddim, ocm-ddim)")
     p.add_argument("--out", default="digits.png", help="PNG file to write (default digits.png)")

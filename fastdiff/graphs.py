@@ -21,10 +21,11 @@ Design (after stable-fast's graph runner, without host scalars in the key):
   call is one ``fill_`` and one replay. When ``x`` is given, it is copied into the static buffer
   before the replay (a graph of its own kind: the key says which).
 * **The key** holds everything the recorded kernels depend on and nothing that changes per call:
-  shape, dtype, device, sample_offset (the kernels take the global index of x[0] as a launch
-  argument), how x_T is made, the model's identity, ``sampler.graph_key()`` (its class, step
-  options, coefficient table by value and held callables by identity), the resolved backend and
-  the autocast state. The seed and the values of x are not in it.
+  shape, dtype, device, sample_offset and the shard (the kernels take the global index of x[0]
+  and a shard's runs as launch arguments), how x_T is made, the model's identity,
+  ``sampler.graph_key()`` (its class, step options, coefficient table by value and held
+  callables by identity), the resolved backend and the autocast state. The seed and the values
+  of x are not in it.
 * **Warm-up on a side stream** before capture (Triton compiles its kernels, libraries create
   their handles), then capture into a memory pool (``torch.cuda.graph_pool_handle``) shared by
   every graph of one cache. Graphs of one cache must be replayed on one stream at a time, which
@@ -53,8 +54,7 @@ from typing import Optional, Sequence
 import torch
 
 from .engine import backend as _backend
-
-from .samplers.base import Sampler, check_sample_args
+from .samplers.base import Sampler, check_sample_args, check_shard
 from .samplers.registry import make_sampler
 
 __all__ = ["GraphCache", "GraphFallbackWarning", "GraphedSampler", "reset", "sample_graphed"]
@@ -193,14 +193,14 @@ class GraphCache:
         return len(self._graphs)
 
     def key(self, sampler: Sampler, model, shape: Sequence[int], dtype: torch.dtype, device,
-            sample_offset: int = 0, given_x: bool = False) -> tuple:
+            sample_offset: int = 0, given_x: bool = False, shard=None) -> tuple:
         """The cache key of a call: no seed, no tensor values, nothing that changes per step."""
         device = _backend.canonical_device(device)
         autocast = (torch.is_autocast_enabled(device.type),
                     torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
         return (tuple(int(s) for s in shape), dtype, device, int(sample_offset), bool(given_x),
                 _model_key(model), _sampler_key(sampler), _backend.resolve(sampler.backend, device),
-                autocast)
+                autocast, shard)
 
     def _pool(self, device: torch.device):
         if self._shared_pool is not None:
@@ -209,19 +209,20 @@ class GraphCache:
             self._pools[device] = torch.cuda.graph_pool_handle()
         return self._pools[device]
 
-    def _capture(self, sampler: Sampler, model, shape, dtype, device, sample_offset, x) -> _Graph:
+    def _capture(self, sampler: Sampler, model, shape, dtype, device, sample_offset, x, shard=None) -> _Graph:
         static_x = torch.empty(shape, device=device, dtype=dtype)
         seed = torch.zeros(1, dtype=torch.int64, device=device)
         if x is not None:
             static_x.copy_(x)  # warm up on real data, not on uninitialised memory
         # Tables are made on the current stream before the side stream or the capture touches them.
         sampler.device_state(device)
-        index_offset = sample_offset * math.prod(shape[1:])
+        noise_index = shard.noise_index if shard is not None else {
+            "index_offset": sample_offset * math.prod(shape[1:])}
 
         def body():
             if x is None:
-                sampler.initial_noise(shape, seed, index_offset, out=static_x)
-            sampler.loop(model, static_x, seed, sample_offset=sample_offset)
+                sampler.initial_noise(shape, seed, out=static_x, **noise_index)
+            sampler.loop(model, static_x, seed, sample_offset=sample_offset, shard=shard)
 
         with torch.no_grad(), _on_device(device):
             _warm_up(body, device, self.warmup)  # errors here are the model's own: let them through
@@ -233,7 +234,7 @@ class GraphCache:
         return _Graph(graph, static_x, seed, model, sampler)
 
     def run(self, sampler: Sampler, model, shape=None, *, x: Optional[torch.Tensor] = None, seed: int = 0,
-            sample_offset: int = 0, device=None, dtype: torch.dtype = torch.float32, copy: bool = True,
+            sample_offset: int = 0, shard=None, device=None, dtype: torch.dtype = torch.float32, copy: bool = True,
             progress: bool = False, callback=None) -> torch.Tensor:
         """Samples as ``sampler.sample(model, shape, x=x, seed=seed, ...)`` would give them, by graph
         replay on CUDA. ``copy=False`` returns the graph's own output buffer, which the next call
@@ -243,6 +244,8 @@ class GraphCache:
         if progress or callback is not None:
             raise ValueError("progress and callback need the eager loop: a CUDA graph replays the recorded "
                              "kernels without running Python between steps; use cuda_graph=False")
+        if shard is not None:
+            shape = check_shard(sampler, shard, shape, x, sample_offset)
         shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
         device = _backend.canonical_device(device)
         if not _graphs_available(device):
@@ -251,12 +254,12 @@ class GraphCache:
                 warnings.warn(f"fastdiff: CUDA graphs need a CUDA device, got {device}; the sampling loop runs "
                               "eagerly (same samples, no graph). This warning is shown once.",
                               GraphFallbackWarning, stacklevel=_caller_stacklevel())
-            return sampler.sample(model, shape, x=x, seed=seed, sample_offset=sample_offset, device=device,
-                                  dtype=dtype)
-        key = self.key(sampler, model, shape, dtype, device, sample_offset, x is not None)
+            return sampler.sample(model, shape, x=x, seed=seed, sample_offset=sample_offset, shard=shard,
+                                  device=device, dtype=dtype)
+        key = self.key(sampler, model, shape, dtype, device, sample_offset, x is not None, shard)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(sampler, model, shape, dtype, device, sample_offset, x)
+            entry = self._capture(sampler, model, shape, dtype, device, sample_offset, x, shard)
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)[1].release()
@@ -300,10 +303,10 @@ class GraphedSampler:
         self.cache = GraphCache(warmup=warmup, max_graphs=max_graphs, pool=pool)
 
     def __call__(self, shape: Optional[Sequence[int]] = None, *, x: Optional[torch.Tensor] = None, seed: int = 0,
-                 sample_offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
+                 sample_offset: int = 0, shard=None, device=None, dtype: torch.dtype = torch.float32,
                  copy: bool = True) -> torch.Tensor:
         return self.cache.run(self.sampler, self.model, shape, x=x, seed=seed, sample_offset=sample_offset,
-                              device=device, dtype=dtype, copy=copy)
+                              shard=shard, device=device, dtype=dtype, copy=copy)
 
     sample = __call__
 

@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         "fastdiff.diffusers needs the diffusers package: pip install 'fastdiff[diffusers]' "
         f"({type(exc).__name__}: {exc})") from exc
 
+from ..engine.shard import Shard
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
 
@@ -79,6 +80,7 @@ class _State:
         self.aranges: dict = {}                      # device -> arange(N) int64 (row ids for host timesteps)
         self.seed: Optional[int] = None              # Philox seed when set_noise_seed was called
         self.seed_tensors: dict = {}                 # device -> one-element int64 seed tensor
+        self.shard = None                            # the Shard of the full latent that step gets
         self.add_noise_factors: dict = {}            # (device, dtype) -> (sqrt(ab), sqrt(1 - ab))
         self.begin_index: Optional[int] = None
         self.backend: Optional[str] = None
@@ -110,19 +112,28 @@ class _FastStepMixin:
         self._fd.tables.clear()  # each Table resolves its backend once
 
     # -- public extras ------------------------------------------------------------------------
-    def set_noise_seed(self, seed: Optional[int]) -> None:
+    def set_noise_seed(self, seed: Optional[int], *, shard: Optional[Shard] = None) -> None:
         """Draw step noise in-kernel from counter-based Philox keyed by (seed, element index,
         timestep) instead of ``randn_tensor``; ``None`` switches back to diffusers' noise.
 
         Saves writing and reading a noise tensor each step, keeps no generator state, and gives
         the same numbers eagerly, in a CUDA graph and when a batch is split; it does not give
-        diffusers' numbers. ``variance_noise`` passed to ``step`` still wins."""
+        diffusers' numbers. ``variance_noise`` passed to ``step`` still wins.
+
+        ``shard`` (a ``fastdiff.engine.shard.Shard``): ``step`` receives that part of a larger
+        latent (context parallelism with sharded latents) and draws exactly its part of the full
+        latent's noise."""
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
                                  or not 0 <= int(seed) < 2**63):
             raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        if shard is not None and not isinstance(shard, Shard):
+            raise TypeError(f"shard must be a fastdiff.engine.shard.Shard or None, got {type(shard).__name__}")
+        if shard is not None and seed is None:
+            raise ValueError("a shard places the in-kernel noise: give it with a seed")
         st = self._fd
         st.seed = None if seed is None else int(seed)
         st.seed_tensors = {}
+        st.shard = shard
 
     @property
     def noise_seed(self) -> Optional[int]:
@@ -148,6 +159,17 @@ class _FastStepMixin:
             t = torch.full((1,), st.seed, dtype=torch.int64, device=device)  # a fill, no host copy
             st.seed_tensors[device] = t
         return t
+
+    def _noise_index(self, sample: torch.Tensor, thresholding: bool = False) -> dict:
+        """The step's index_offset / index_run for the shard set_noise_seed was given ({} without one)."""
+        shard = self._fd.shard
+        if shard is None:
+            return {}
+        shard.check_local("sample", sample)
+        if thresholding and not shard.whole_samples:
+            raise ValueError("dynamic thresholding takes a quantile over each whole sample, which this shard "
+                             "does not hold: run the scheduler on the whole latent, or turn thresholding off")
+        return shard.noise_index
 
     def _noise(self, model_output, sample, generator, variance_noise):
         """(noise tensor, seed tensor) for a step that draws: ``variance_noise`` if given, else the
@@ -301,4 +323,6 @@ class _VPStepMixin(_FastStepMixin):
             raise ValueError(f"thresholding needs samples of shape (batch, channels, ...), got {tuple(sample.shape)}")
         if out_dtype == torch.float64 and noise is not None:
             noise = noise.to(torch.float64)
-        return step(sample, model_output, table, row, options, noise=noise, seed=seed, aux=aux, return_x0=True)
+        noise_index = self._noise_index(sample, options.thresholding) if seed is not None else {}
+        return step(sample, model_output, table, row, options, noise=noise, seed=seed, aux=aux, return_x0=True,
+                    **noise_index)

@@ -161,7 +161,8 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
                 noise = noise.to(x.dtype)
         out = torch.empty(sample.shape, dtype=x.dtype if wide else model_output.dtype, device=device)
         step(x, m, self._table(), row, self._options(), noise=noise, seed=seed,
-             history=(prev,) if second else (), x0_out=new, out=out)
+             history=(prev,) if second else (), x0_out=new, out=out,
+             **(self._noise_index(x, self.config.thresholding) if seed is not None else {}))
         out = out.to(model_output.dtype)
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1

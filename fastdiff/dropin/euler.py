@@ -131,7 +131,7 @@ class _EulerMixin(_FastStepMixin):
         out = torch.empty(sample.shape, dtype=model_output.dtype, device=device)
         model_in = torch.empty_like(out)
         _, x0 = step(x, model_output, self._table(), ids[i:i + 1], opts, noise=noise, seed=seed, out=out,
-                     model_in_out=model_in, return_x0=True)
+                     model_in_out=model_in, return_x0=True, **(self._noise_index(x) if seed is not None else {}))
         self._step_index += 1
         st.next_input = (out, model_in, self._step_index)
         return out, x0

@@ -173,7 +173,8 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
                 noise = randn_tensor(sample.shape, generator=generator, device=device, dtype=torch.float32)
                 noise = noise.to(x.dtype) if wide else noise
         out = torch.empty(sample.shape, dtype=model_output.dtype, device=device)
-        step(x, m, self._table(), row, _OPTIONS, noise=noise, seed=seed, out=out)
+        step(x, m, self._table(), row, _OPTIONS, noise=noise, seed=seed, out=out,
+             **(self._noise_index(x) if seed is not None else {}))
         self._step_index += 1
         if not return_dict:
             return (out,)

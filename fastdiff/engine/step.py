@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .kernels import fused_step as _fused
+from .kernels import philox as _philox
 from .backend import resolve
 from .predictions import check_prediction
 from .tables import NCOL, Table
@@ -168,6 +169,8 @@ def step(
     noise: Optional[torch.Tensor] = None,
     seed: Optional[torch.Tensor] = None,
     sample_offset: int = 0,
+    index_offset: Optional[int] = None,
+    index_run: Optional[Tuple[int, int]] = None,
     aux: Optional[torch.Tensor] = None,
     history: Sequence[torch.Tensor] = (),
     thresholds: Optional[torch.Tensor] = None,
@@ -190,6 +193,10 @@ def step(
     * Noise: ``noise`` (a tensor), ``seed`` (one-element int64 tensor: in-kernel Philox keyed by
       seed, global element index and row index), or neither. ``sample_offset``: the global index
       of x[0], so that a batch split across calls draws the noise of one call.
+    * ``index_offset``, ``index_run``: x is a shard of a larger latent (fastdiff.engine.shard.Shard
+      computes both): ``index_offset`` the global element index of x's first element (instead of
+      ``sample_offset``), ``index_run=(length, stride)`` x's row-major elements in runs of
+      ``length`` consecutive global indices, ``stride`` apart (a slice along one dimension).
     * ``aux``: the OCM head's h or the model's variance output (var_mode other than "table").
     * ``history``: up to two tensors H0, H1 added with the row's c_h0, c_h1.
     * ``thresholds``: explicit per-sample s_b [B]; computed when options.thresholding.
@@ -248,11 +255,16 @@ def step(
         raise ValueError("thresholding needs a batch dimension")
 
     per_sample = math.prod(shape[1:]) if len(shape) > 1 else 1
-    index_offset = sample_offset * per_sample
-    if index_offset + x.numel() > 2**62:
-        raise ValueError(f"sample_offset * elements per sample + elements must stay below 2**62 (the global "
-                         f"element index keys the noise), got sample_offset={sample_offset} for "
-                         f"{per_sample} elements per sample")
+    if index_offset is None:
+        index_offset = sample_offset * per_sample
+    elif sample_offset != 0 or isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
+        raise ValueError(f"index_offset must be an int >= 0, given instead of sample_offset (not both), got "
+                         f"index_offset={index_offset!r}, sample_offset={sample_offset}")
+    index_run = _philox.check_index_run(index_run, x.numel())
+    if _philox.index_end(index_offset, x.numel(), index_run) > 2**62:
+        raise ValueError(f"global element indices must stay below 2**62 (they key the noise): sample_offset * "
+                         f"elements per sample + elements, got sample_offset={sample_offset} for {per_sample} "
+                         f"elements per sample (index_offset {index_offset}, index_run {index_run})")
     if options.thresholding and thresholds is None:
         thresholds = dynamic_thresholds(x, model_output, tab, index, options)
 
@@ -261,7 +273,7 @@ def step(
     if wide or chosen == "torch":
         x_s, x0, model_in = _fused.reference(
             x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, used=used, thresholds=thresholds,
-            noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=history,
+            noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux, history=history,
             need_x0=return_x0 or x0_out is not None, need_model_in=model_in_out is not None)
         if out is not None:
             out.copy_(x_s)
@@ -280,6 +292,7 @@ def step(
     if thresholds is not None and (thresholds.dtype != torch.float32 or not thresholds.is_contiguous()):
         thresholds = thresholds.float().contiguous()
     _fused.launch(x, model_output, tab, index, options, n_rows=tab.shape[0], used=used, thresholds=thresholds,
-                  noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=tuple(history), out=out,
+                  noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
+                  history=tuple(history), out=out,
                   x0_out=x0_out, model_in_out=model_in_out)
     return (out, x0_out) if return_x0 else out

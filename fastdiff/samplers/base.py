@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..engine.predictions import check_prediction
+from ..engine.shard import Shard
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
 from ..engine.kernels import philox
@@ -162,9 +163,12 @@ class Sampler:
         return model(x, t), None
 
     def loop(self, model, x: torch.Tensor, seed: torch.Tensor, *, sample_offset: int = 0,
-             progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
-        """Run every step in place on ``x`` (the graph runner captures exactly this)."""
+             shard: Optional[Shard] = None, progress: bool = False,
+             callback: Optional[Callable] = None) -> torch.Tensor:
+        """Run every step in place on ``x`` (the graph runner captures exactly this); ``x`` is
+        ``shard`` of the full latent when one is given."""
         table, ts, ids = self.device_state(x.device)
+        noise_index = shard.noise_index if shard is not None else {}
         # The model gets its own copy of the timesteps (one [K, B] tensor per run): a model that
         # edits t in place cannot change the sampler's timesteps.
         t_rows = ts.unsqueeze(1).repeat(1, x.shape[0])
@@ -189,38 +193,48 @@ class Sampler:
             if model_in is not None:
                 extra["model_in_out"] = model_in
             step(x, model_output, self.table, ids[i], self.options, seed=noise_seed, sample_offset=sample_offset,
-                 aux=aux, out=x, **extra)
+                 aux=aux, out=x, **extra, **noise_index)
             if callback is not None:
                 callback(i, t, x)
         return x
 
     def sample(self, model, shape: Optional[Sequence[int]] = None, *, x: Optional[torch.Tensor] = None,
-               seed: int = 0, sample_offset: int = 0, device=None, dtype: torch.dtype = torch.float32,
-               progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+               seed: int = 0, sample_offset: int = 0, shard: Optional[Shard] = None, device=None,
+               dtype: torch.dtype = torch.float32, progress: bool = False,
+               callback: Optional[Callable] = None) -> torch.Tensor:
         """Draw samples eagerly. Either ``shape`` (initial noise drawn from ``seed``) or ``x``
         (x_T given). For a CUDA graph use ``fastdiff.sample(..., cuda_graph=True)`` or
         ``fastdiff.GraphedSampler``.
 
         ``sample_offset`` is the global index of the first sample of this batch: a batch split
         into calls with matching offsets gives exactly the samples of one call.
+        ``shard`` (a ``fastdiff.engine.shard.Shard`` along a dimension; then ``shape`` may be
+        omitted): x is that part of a larger latent and draws exactly its part of the latent's
+        noise; the model is called on the shard (a sequence-parallel model gathers what it needs).
         ``callback(i, t, x)`` runs after each step (it must not sync the host to stay fast).
         """
+        if shard is not None:
+            shape = check_shard(self, shard, shape, x, sample_offset)
         shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
         seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
         if x is None:
-            x = self.initial_noise(shape, seed_t, sample_offset * math.prod(shape[1:]), device=device, dtype=dtype)
+            per_sample = math.prod(shape[1:])
+            noise_index = shard.noise_index if shard is not None else {"index_offset": sample_offset * per_sample}
+            x = self.initial_noise(shape, seed_t, device=device, dtype=dtype, **noise_index)
         else:
             x = x.clone(memory_format=torch.contiguous_format)
-        return self.loop(model, x, seed_t, sample_offset=sample_offset, progress=progress, callback=callback)
+        return self.loop(model, x, seed_t, sample_offset=sample_offset, shard=shard, progress=progress,
+                         callback=callback)
 
     __call__ = sample
 
-    def initial_noise(self, shape, seed: torch.Tensor, index_offset: int, *, device=None, dtype=torch.float32,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x_T for this sampler: Philox normals keyed by seed and global index (stream STREAM_INIT),
-        times ``init_noise_sigma`` (1 on the VP and flow paths, sigma_max in sigma space)."""
-        x = philox.randn(shape, seed, stream=philox.STREAM_INIT, index_offset=index_offset, device=device,
-                         dtype=dtype, out=out, backend=self.backend)
+    def initial_noise(self, shape, seed: torch.Tensor, *, device=None, dtype=torch.float32,
+                      out: Optional[torch.Tensor] = None, **noise_index) -> torch.Tensor:
+        """x_T for this sampler: Philox normals keyed by seed and global index (stream STREAM_INIT;
+        ``noise_index``: philox.randn's index_offset / index_run), times ``init_noise_sigma`` (1 on
+        the VP and flow paths, sigma_max in sigma space)."""
+        x = philox.randn(shape, seed, stream=philox.STREAM_INIT, device=device, dtype=dtype, out=out,
+                         backend=self.backend, **noise_index)
         if self.init_noise_sigma != 1.0:
             x.mul_(self.init_noise_sigma)  # a host float: no sync, capturable
         return x
@@ -238,6 +252,26 @@ def _int_like(v) -> bool:
     except TypeError:
         return False
     return True
+
+
+def check_shard(sampler: Sampler, shard, shape, x, sample_offset) -> tuple:
+    """Validate a shard given to ``Sampler.sample``; returns the local shape."""
+    if not isinstance(shard, Shard):
+        raise TypeError(f"shard must be a fastdiff.engine.shard.Shard, got {type(shard).__name__}")
+    if shard.dim is None:
+        raise ValueError("a sampler calls the model on x_t with a batch dimension: give a shard along a "
+                         "dimension (Shard(..., dim=d, ...)), not a flattened range (dim=None, for fastdiff.step)")
+    if sample_offset:
+        raise ValueError(f"with a shard, its sample_offset places the batch (Shard(..., sample_offset=...)); "
+                         f"got sample_offset={sample_offset} as well")
+    local = shard.local_shape
+    given = tuple(x.shape) if isinstance(x, torch.Tensor) else (tuple(shape) if shape is not None else local)
+    if given != local:
+        raise ValueError(f"x_T must have the shard's shape {local} (of {shard.full_shape}), got {given}")
+    if sampler.options.thresholding and not shard.whole_samples:
+        raise ValueError("dynamic thresholding takes a quantile over each whole sample, which a shard along "
+                         f"dim {shard.dim} does not hold; shard along dim 0 or turn thresholding off")
+    return local
 
 
 def check_sample_args(shape, x, seed, sample_offset, device, dtype):

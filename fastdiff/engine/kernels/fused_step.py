@@ -33,7 +33,7 @@ NCOL = _ext.C.NCOL
 COL = {name: i for i, name in enumerate(COLUMNS)}
 
 VAR_MODES = {"table": 0, "ocm": 1, "learned_range": 2, "learned": 3}
-NOISE_MODES = {"none": 0, "tensor": 1, "philox": 2}
+NOISE_MODES = {"none": 0, "tensor": 1, "philox": 2, "philox_run": 3}
 # The tensors a step reads or writes, in the order of the kernel's pointer arguments and of the
 # rows of its stride table.
 TENSORS = ("x", "model_output", "aux", "noise", "h0", "h1", "out", "x0_out", "model_in_out")
@@ -41,7 +41,7 @@ TENSORS = ("x", "model_output", "aux", "noise", "h0", "h1", "out", "x0_out", "mo
 if triton is not None:
     import triton.language as tl
 
-    from .philox import normal_block
+    from .philox import normal_at, normal_block
 
     NAN = tl.constexpr(tl.PropagateNan.ALL)
     # Table columns by name (csrc/columns.h is the one list; a name missing there fails here).
@@ -109,7 +109,7 @@ if triton is not None:
     def _fused_step_kernel(
         x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, out_ptr, x0_ptr, in_ptr,
         thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr,
-        n, g_base, per_sample, clip_range, cov_max, n_rows,
+        n, g_base, per_sample, clip_range, cov_max, n_rows, run_len, run_stride,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
         NOISE: tl.constexpr, VAR_MODE: tl.constexpr, RAW_M: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
         WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
@@ -176,8 +176,11 @@ if triton is not None:
             if NOISE == 1:
                 z = tl.load(z_ptr + _offsets(local, dims, strides, T_Z, STRIDED), mask=mask,
                             other=0.0).to(tl.float32)
-            else:
+            elif NOISE == 2:
                 z = normal_block(tl.load(seed_ptr), g_base + pid * BLOCK, step, 0, BLOCK)
+            else:  # a slice of a larger tensor: runs of run_len global indices, run_stride apart
+                g = g_base + (local // run_len) * run_stride + local % run_len
+                z = normal_at(tl.load(seed_ptr), g, step, 0)
             if VAR_MODE == 0:
                 x_s = x_s + std * z
             else:
@@ -266,13 +269,15 @@ def _layout_tensor(shape, tensors, device) -> torch.Tensor:
 
 
 def launch(x, model_output, table, step, options, *, n_rows, used=None, thresholds=None, noise=None, seed=None,
-           index_offset=0, aux=None, history=(), out, x0_out=None, model_in_out=None):
+           index_offset=0, index_run=None, aux=None, history=(), out, x0_out=None, model_in_out=None):
     """Launch the kernel on inputs ``fastdiff.engine.step`` has validated: every tensor of x's
     shape S (any strides, rank <= 4 when not contiguous), ``table`` [K, NCOL] float32 contiguous
     on x's device, ``step`` and ``seed`` one-element int tensors there, ``thresholds`` [B]
-    float32, ``index_offset`` the global index of x's first element, ``n_rows`` = K (the kernel
-    clamps the row index into [0, K)), ``used`` the columns non-zero in some row (None: all; the
-    kernel skips the load and multiply of c_m when unused). Writes ``out`` (may be x)."""
+    float32, ``index_offset`` the global index of x's first element, ``index_run`` None or
+    (length, stride): x's elements are runs of that many global indices, stride apart (a slice of
+    a larger tensor; philox.check_index_run), ``n_rows`` = K (the kernel clamps the row index
+    into [0, K)), ``used`` the columns non-zero in some row (None: all; the kernel skips the load
+    and multiply of c_m when unused). Writes ``out`` (may be x)."""
     shape = tuple(x.shape)
     n = x.numel()
     if n == 0:
@@ -290,15 +295,17 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
         # More than 4 dimensions and not contiguous: run on contiguous copies.
         ins = [t.contiguous() if t is not None else None for t in tensors[:6]]
         outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[6:]]
-        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, used=used, thresholds=thresholds, noise=ins[3], seed=seed,
-               index_offset=index_offset, aux=ins[2], history=tuple(t for t in ins[4:6] if t is not None),
+        launch(ins[0], ins[1], table, step, options, n_rows=n_rows, used=used, thresholds=thresholds, noise=ins[3],
+               seed=seed, index_offset=index_offset, index_run=index_run, aux=ins[2],
+               history=tuple(t for t in ins[4:6] if t is not None),
                out=outs[0], x0_out=outs[1], model_in_out=outs[2])
         for final, tmp in zip(tensors[6:], outs):
             if final is not None and final is not tmp:
                 final.copy_(tmp)
         return out
     layout = _layout_tensor(shape, tensors, x.device) if strided else step  # never read when dense
-    shift = index_offset % 4
+    run = index_run is not None and seed is not None
+    shift = 0 if run else index_offset % 4  # per-element indices need no alignment to Philox groups
     block, warps = _launch_config(n)
     per_sample = n // shape[0] if len(shape) > 0 and shape[0] > 0 else max(n, 1)
     dummy = x  # never dereferenced: the flags keep the kernel from touching it
@@ -309,10 +316,12 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
         x0_out if x0_out is not None else dummy, model_in_out if model_in_out is not None else dummy,
         thresholds if thresholds is not None else dummy, table, step, seed if seed is not None else step, layout,
         n, index_offset - shift, per_sample, float(options.clip_range or 1.0), float(options.cov_max), n_rows,
+        index_run[0] if run else 1, index_run[1] if run else 1,
         PRED=PREDICTION_CODES[options.prediction_type], CLIP=options.clip_range is not None,
         THRESH=thresholds is not None, RECOMPUTE_EPS=options.recompute_eps,
-        NOISE=1 if noise is not None else (2 if seed is not None else 0),
-        VAR_MODE=VAR_MODES[options.var_mode], RAW_M=used is None or "c_m" in used, N_HIST=len(history), WRITE_X0=x0_out is not None,
+        NOISE=1 if noise is not None else (3 if run else 2) if seed is not None else 0,
+        VAR_MODE=VAR_MODES[options.var_mode], RAW_M=used is None or "c_m" in used, N_HIST=len(history),
+        WRITE_X0=x0_out is not None,
         WRITE_IN=model_in_out is not None,
         STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
         BLOCK=block, SHIFT=shift, num_warps=warps,
@@ -334,7 +343,7 @@ def _launch_config(n: int):
 
 
 def reference(x, model_output, table, step, options, *, used=None, thresholds=None, noise=None, seed=None,
-              index_offset=0, aux=None, history=(), need_x0=True, need_model_in=False):
+              index_offset=0, index_run=None, aux=None, history=(), need_x0=True, need_model_in=False):
     """Plain-torch version of the kernel, in float32 (float64 if the table is float64).
     ``used``: the names of the columns that are non-zero in some row (None: all); the terms of
     the others are skipped (a flow Euler step is then x_t + c_m m, two passes instead of eight).
@@ -376,6 +385,9 @@ def reference(x, model_output, table, step, options, *, used=None, thresholds=No
     if noise is not None or seed is not None:
         if noise is not None:
             z = noise.to(cdt)
+        elif index_run is not None:
+            z = philox.normals_run(seed.reshape(()), index_offset, x.numel(), index_run, step.reshape(()).long(),
+                                   STREAM_STEP, x.device).view(x.shape).to(cdt)
         else:
             z = philox.normals_range(seed.reshape(()), index_offset, x.numel(), step.reshape(()).long(),
                                      STREAM_STEP, x.device).view(x.shape).to(cdt)

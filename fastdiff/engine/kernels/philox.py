@@ -10,7 +10,8 @@ element, which keeps the noisy steps memory-bound.
 Uniforms are (w >> 9 + 0.5) * 2**-23, exact in float32 and never 0 or 1, so log() is finite;
 the tails are therefore cut at |z| = sqrt(2 * 24 ln 2) ~ 5.77.
 
-The file holds the Triton device functions (used inside the step kernels), a standalone
+The file holds the Triton device functions (used inside the step kernels: ``normal_block`` for
+a block of consecutive indices, ``normal_at`` for any indices, e.g. a shard's), a standalone
 launcher that fills a tensor with noise, and a plain-torch implementation producing the same
 32-bit words bit for bit (the normals agree to float32 rounding of log/cos/sin).
 """
@@ -90,6 +91,24 @@ if triton is not None:
         z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
         return tl.reshape(z, (BLOCK,))
 
+    @triton.jit
+    def normal_at(seed, g, step, stream):
+        """The normals ``normal_block`` gives elements ``g`` (any int64 indices >= 0, e.g. a slice
+        of a larger tensor): word g % 4 of the call with counter (g // 4, step, stream), through the
+        same operations, so the bits are the same. One Philox call per element: 4x the work."""
+        q = g // 4
+        lane = g % 4
+        c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+        c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        zero = c0 * 0
+        c2 = zero + step.to(tl.uint32)
+        c3 = zero + stream
+        w0, w1, w2, w3 = philox4(seed, c0, c1, c2, c3)
+        first_pair = lane < 2
+        r = tl.sqrt(-2.0 * tl.log(_uniform(tl.where(first_pair, w0, w2))))
+        th = 6.283185307179586 * _uniform(tl.where(first_pair, w1, w3))
+        return tl.where(lane % 2 == 0, r * tl.cos(th), r * tl.sin(th))
+
     # A Python int equal to 1 would be specialised into a constexpr, which has no .to():
     # keep step and stream runtime values (triton-lang/triton#2939).
     @triton.jit(do_not_specialize=["step", "stream"])
@@ -100,6 +119,14 @@ if triton is not None:
         local = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)
         mask = (local >= 0) & (local < n)
         tl.store(out_ptr + local, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["step", "stream"])
+    def _randn_run_kernel(out_ptr, seed_ptr, n, g_base, run_len, run_stride, step, stream, BLOCK: tl.constexpr):
+        # Element j of out is global index g_base + (j // run_len) * run_stride + j % run_len.
+        local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        g = g_base + (local // run_len) * run_stride + local % run_len
+        z = normal_at(tl.load(seed_ptr), g, step, stream)
+        tl.store(out_ptr + local, z.to(out_ptr.dtype.element_ty), mask=local < n)
 
 
 def _philox4_torch(seed: torch.Tensor, c0, c1, c2, c3):
@@ -165,6 +192,35 @@ def normals_range(seed: torch.Tensor, start: int, n: int, step, stream: int, dev
     return _box_muller4(*words).reshape(-1)[start - 4 * q0: start - 4 * q0 + n]
 
 
+def run_indices(start: int, index_run, lo: int, hi: int, device) -> torch.Tensor:
+    """int64 global indices of elements lo .. hi - 1 laid out as ``index_run`` = (length, stride):
+    element j is start + (j // length) * stride + j % length (runs of ``length`` consecutive
+    indices, ``stride`` apart: a slice of a larger row-major tensor along one dimension)."""
+    length, stride = index_run
+    j = torch.arange(lo, hi, device=device, dtype=torch.int64)
+    return start + torch.div(j, length, rounding_mode="floor") * stride + j % length
+
+
+def normals_run(seed: torch.Tensor, start: int, n: int, index_run, step, stream: int, device) -> torch.Tensor:
+    """``normals_torch`` for the n elements of ``run_indices``, in chunks like ``normals_range``."""
+    out = torch.empty(n, device=device, dtype=torch.float32)
+    length, stride = index_run
+    # Runs that start on a multiple of 4 and have lengths and strides of multiples of 4 (a latent
+    # whose inner sizes are) consist of whole Philox groups: one call per group of four, as in
+    # normals_range, instead of one per element (6.5x faster on 1M elements, 2 CPU cores).
+    grouped = start % 4 == 0 and length % 4 == 0 and stride % 4 == 0
+    for lo in range(0, n, _TORCH_CHUNK):  # _TORCH_CHUNK is a multiple of 4
+        hi = min(lo + _TORCH_CHUNK, n)
+        if grouped:
+            q = run_indices(start // 4, (length // 4, stride // 4), lo // 4, hi // 4, device)
+            words = _philox4_torch(torch.as_tensor(seed, device=device), q & _M32, (q >> 32) & _M32,
+                                   _step_counter(q, step), torch.full_like(q, stream))
+            out[lo:hi] = _box_muller4(*words).reshape(-1)
+        else:
+            out[lo:hi] = normals_torch(seed, run_indices(start, index_run, lo, hi, device), step, stream)
+    return out
+
+
 def _step_counter(q: torch.Tensor, step) -> torch.Tensor:
     """The step counter broadcast like ``q``; a Python int is added as a scalar, never copied
     host-to-device (that copy would break CUDA-graph capture)."""
@@ -178,7 +234,32 @@ def global_indices(shape, index_offset: int, device) -> torch.Tensor:
     return (torch.arange(n, device=device, dtype=torch.int64) + index_offset).view(shape)
 
 
-def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset: int = 0,
+def check_index_run(index_run, n: int):
+    """``index_run`` = (length, stride) validated for a tensor of n elements; None where its n
+    elements are consecutive indices anyway (one run, or stride == length), so that the
+    contiguous path, which gives the same indices, runs."""
+    if index_run is None:
+        return None
+    if not (isinstance(index_run, (tuple, list)) and len(index_run) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in index_run)
+            and 1 <= index_run[0] <= index_run[1]):
+        raise ValueError(f"index_run must be (length, stride), two ints with 1 <= length <= stride (runs of "
+                         f"length consecutive global indices, stride apart), got {index_run!r}")
+    length, stride = index_run
+    return None if n <= length or stride == length else (length, stride)
+
+
+def index_end(index_offset: int, n: int, index_run) -> int:
+    """One past the largest global index of n elements from ``index_offset`` laid out as ``index_run``."""
+    if n == 0:
+        return index_offset
+    if index_run is None:
+        return index_offset + n
+    length, stride = index_run
+    return index_offset + ((n - 1) // length) * stride + (n - 1) % length + 1
+
+
+def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset: int = 0, index_run=None,
           device=None, dtype=torch.float32, out: Optional[torch.Tensor] = None,
           backend: Optional[str] = None) -> torch.Tensor:
     """Standard normal tensor whose element ``i`` (row-major) is keyed by ``index_offset + i``.
@@ -186,6 +267,11 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     ``seed`` is an int or a one-element int64 tensor on the device (the graphed samplers keep it
     there so a new seed needs no re-capture). Two calls covering ``[0, a)`` and ``[a, n)`` with
     ``index_offset`` 0 and ``a`` give exactly the halves of one call covering ``[0, n)``.
+
+    ``index_run=(length, stride)``: element i is keyed by index_offset + (i // length) * stride
+    + i % length instead, the indices of a slice along one dimension of a larger row-major tensor
+    (``fastdiff.engine.shard.Shard`` computes them), so a shard draws exactly its part of the
+    full tensor's noise.
     """
     if out is not None:
         shape, device, dtype = tuple(out.shape), out.device, out.dtype
@@ -201,10 +287,20 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     seed_t = seed_t.to(device=device, dtype=torch.int64).reshape(1)
     out = torch.empty(shape, device=device, dtype=dtype) if out is None else out
     n = out.numel()
+    index_run = check_index_run(index_run, n)
     if n == 0:
         return out
     if resolve(backend, device) == "torch" or dtype == torch.float64:
-        out.copy_(normals_range(seed_t.reshape(()), index_offset, n, step, stream, device).view(shape))
+        if index_run is not None:
+            z = normals_run(seed_t.reshape(()), index_offset, n, index_run, step, stream, device)
+        else:
+            z = normals_range(seed_t.reshape(()), index_offset, n, step, stream, device)
+        out.copy_(z.view(shape))
+        return out
+    if index_run is not None:
+        block = _block_for(n)
+        _randn_run_kernel[(-(-n // block),)](out, seed_t, n, index_offset, index_run[0], index_run[1], step, stream,
+                                             BLOCK=block)
         return out
     block = _block_for(n)
     shift = index_offset % 4
