@@ -105,7 +105,7 @@ class OCMFlowSampler(_OCMHead, FlowSampler):
     """OCM for flow models: the flow-ddim mean (Euler at the default eta = 0) with its noise widened
     by the x0_hat uncertainty, Var = lambda^2 + c_cov^2 clamp((sigma_t/(1 - sigma_t))^2 (1 + h), 0,
     cov_max), h ~ sigma_t^2 diag nabla^2 log p_t(x_t) from a head (fastdiff.samplers.ocm for the
-    head convention; fastdiff.training.ocm trains one, ``flow=True``). The last step returns the
+    head convention; fastdiff.training.ocm.train_head trains one when given a FlowSchedule). The last step returns the
     mean."""
 
     name = "ocm-flow"

@@ -17,25 +17,44 @@ sum_k r_k ((g_k - g)^2 - 1 / v_k). Tweedie's identities hold exactly:
 E[x0|x_t] = (x_t + sigma_t^2 g) / a and Cov[x0|x_t] = (sigma_t^2 / a^2)(1 + h) with
 h = sigma_t^2 diag(nabla^2 log p_t).
 
+Nothing above is specific to VP: on any Gaussian path x_t = a x0 + b eps the same formulas
+hold with a and b^2 = sigma_t^2 in place of sqrt(ab_t) and 1 - ab_t. The rectified-flow path
+x_t = (1 - sigma) x0 + sigma eps (a = 1 - sigma, b = sigma) is ``sigma=``; there the model
+predicts the velocity u = eps - x0, whose posterior mean is E[eps|x_t] - E[x0|x_t] (``velocity``),
+Tweedie reads E[x0|x_t] = (x_t + sigma^2 g) / (1 - sigma), and, a + b being 1,
+E[u|x_t] = -(x_t + sigma g) / (1 - sigma); h = sigma^2 diag(nabla^2 log p_t) and
+Cov[x0|x_t] = (sigma^2 / (1 - sigma)^2)(1 + h). (Equivalently x_t / c with
+c = sqrt((1 - sigma)^2 + sigma^2) is a VP state with alpha_bar = (1 - sigma)^2 / c^2 and the same
+posterior over x0, and h is the same number on both; tests/test_flow_testbed.py checks it. The
+flow path is computed directly rather than through that map, which would take b^2 = 1 - ab as a
+difference and lose its digits as sigma -> 0: at sigma = 1e-3 the map's h is off by 6e-13 in
+float64, and in float32 ab rounds to 1 below sigma ~ 2.4e-4.)
+
 Every method takes ``x_t`` of shape [B, *shape] with prod(shape) == dim (images work: the
-trailing dimensions are flattened) and ``t``: an int tensor [B] (or a Python int / 0-d
-tensor, broadcast) of discrete timesteps indexing ``schedule.alphas_cumprod``, or instead
-``alpha_bar=`` (a float tensor [B] or a float) for continuous time. Arithmetic runs in the
-mixture's dtype (float64 by default); results come back in x_t's dtype.
+trailing dimensions are flattened) and the time as one of: ``t``, an int tensor [B] (or a Python
+int / 0-d tensor, broadcast) of discrete VP timesteps indexing ``schedule.alphas_cumprod``;
+``alpha_bar=`` (a float tensor [B] or a float), continuous VP time; ``sigma=`` (a float tensor
+[B] or a float in [0, 1]), the flow path. Arithmetic runs in the mixture's dtype (float64 by
+default); results come back in x_t's dtype. ``flow_model`` / ``flow_head`` are the exact network
+and OCM head of the flow samplers (called with t = sigma * num_train_timesteps).
 
 Sample-quality metrics against exact samples: fastdiff.testbed.metrics.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..engine.predictions import PREDICTIONS, check_prediction, model_output
-from ..engine.schedule import Schedule
+from ..engine.schedule import FlowSchedule, Schedule
 
-__all__ = ["GaussianMixture", "MixtureModel"]
+# What a flow-path model may predict (v_prediction assumes a^2 + b^2 = 1, the VP path).
+FLOW_PREDICTIONS = ("flow_prediction", "epsilon", "sample")
+
+__all__ = ["FlowMixtureModel", "GaussianMixture", "MixtureModel"]
 
 
 def _as_tensor(v, dtype, name):
@@ -139,7 +158,8 @@ class GaussianMixture:
             ab = torch.as_tensor(alpha_bar, dtype=self.dtype, device=device).reshape(-1)
         else:
             if t is None:
-                raise ValueError("t (discrete timesteps) or alpha_bar is required")
+                raise ValueError("a time is required: t (discrete VP timesteps), alpha_bar= (VP) or sigma= "
+                                 "(the flow path)")
             on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
             t = torch.as_tensor(t, device=device)
             if t.is_floating_point() or t.is_complex():
@@ -157,13 +177,38 @@ class GaussianMixture:
                              f"got {ab.numel()} entries")
         return ab[:, None]
 
-    def _posterior(self, x_t, t, alpha_bar, want_hessian=False):
+    def _sigma(self, sigma, batch, device):
+        """The flow path's sigma as a [batch, 1] tensor in the mixture's dtype."""
+        if not isinstance(sigma, torch.Tensor) or sigma.device.type == "cpu":
+            host = torch.as_tensor(sigma, dtype=torch.float64)  # checkable without a device sync
+            if not bool(((host >= 0) & (host <= 1)).all()):
+                raise ValueError(f"sigma (the flow path's noise level) must lie in [0, 1], got "
+                                 f"{host.reshape(-1)[:8].tolist()}")
+        s = torch.as_tensor(sigma, dtype=self.dtype, device=device).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(batch)
+        if s.shape != (batch,):
+            raise ValueError(f"sigma must have one entry per sample ({batch}) or be a scalar, got {s.numel()} entries")
+        return s[:, None]
+
+    def _path(self, t, alpha_bar, sigma, batch, device):
+        """(a, b^2) of the path x_t = a x0 + b eps at the given time, [batch, 1] each in the
+        mixture's dtype: (sqrt(ab), 1 - ab) on the VP path, (1 - sigma, sigma^2) on the flow path."""
+        if sigma is not None:
+            if t is not None or alpha_bar is not None:
+                raise ValueError("give one time: t or alpha_bar (the VP path) or sigma (the flow path)")
+            s = self._sigma(sigma, batch, device)
+            return 1.0 - s, s * s
+        ab = self._alpha_bar(t, alpha_bar, batch, device)
+        return ab.sqrt(), 1.0 - ab
+
+    def _posterior(self, x_t, t, alpha_bar, sigma=None):
         """Responsibilities and per-component quantities, all [B, K, D] (r: [B, K, 1])."""
         x = self._flat(x_t)
         log_w, mu, s2, _ = self._params(x.device)
-        ab = self._alpha_bar(t, alpha_bar, x.shape[0], x.device)  # [B, 1]
-        a = ab.sqrt()[:, :, None]  # [B, 1, 1]
-        sig2 = (1.0 - ab)[:, :, None]
+        a, b2 = self._path(t, alpha_bar, sigma, x.shape[0], x.device)  # [B, 1] each
+        a = a[:, :, None]  # [B, 1, 1]
+        sig2 = b2[:, :, None]
         var = a * a * s2[None] + sig2  # [B, K, D]
         diff = x[:, None, :] - a * mu[None]  # [B, K, D]
         log_n = -0.5 * (diff * diff / var + torch.log(2 * math.pi * var)).sum(-1)  # [B, K]
@@ -175,24 +220,24 @@ class GaussianMixture:
     def _out(self, v, x_t):
         return v.reshape(x_t.shape).to(x_t.dtype)
 
-    # -- exact quantities ---------------------------------------------------------------------
-    def log_prob(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+    # -- exact quantities (any path: t / alpha_bar on VP, sigma on the flow path) ----------------
+    def log_prob(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
         """log p_t(x_t), shape [B]."""
-        lp = self._posterior(x_t, t, alpha_bar)[-1]
+        lp = self._posterior(x_t, t, alpha_bar, sigma)[-1]
         return lp.to(x_t.dtype)
 
-    def score(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+    def score(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
         """nabla log p_t(x_t) = sum_k r_k (-(x_t - a mu_k) / v_k)."""
-        _, _, _, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        _, _, _, var, diff, r, _ = self._posterior(x_t, t, alpha_bar, sigma)
         return self._out((r * (-diff / var)).sum(1), x_t)
 
-    def eps(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
-        """E[eps|x_t] = -sigma_t * score (stable as sigma_t -> 0, unlike (x_t - a x0_hat)/sigma_t)."""
-        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+    def eps(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
+        """E[eps|x_t] = -b * score (stable as b -> 0, unlike (x_t - a x0_hat)/b)."""
+        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar, sigma)
         return self._out(sig2[:, :, 0].sqrt() * (r * diff / var).sum(1), x_t)
 
-    def _x0_mean_var(self, x_t, t, alpha_bar):
-        _, a, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+    def _x0_mean_var(self, x_t, t, alpha_bar, sigma=None):
+        _, a, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar, sigma)
         _, mu, s2, _ = self._params(diff.device)
         m_k = mu[None] + a * s2[None] / var * diff  # [B, K, D]
         c_k = s2[None] * sig2 / var
@@ -200,64 +245,104 @@ class GaussianMixture:
         dev = m_k - mean[:, None]
         return mean, (r * (c_k + dev * dev)).sum(1)
 
-    def x0_mean(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+    def x0_mean(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
         """E[x0|x_t] = sum_k r_k m_k."""
-        return self._out(self._x0_mean_var(x_t, t, alpha_bar)[0], x_t)
+        return self._out(self._x0_mean_var(x_t, t, alpha_bar, sigma)[0], x_t)
 
-    def x0_var(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
+    def x0_var(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
         """diag Cov[x0|x_t] = sum_k r_k (c_k + (m_k - E[x0|x_t])^2)."""
-        return self._out(self._x0_mean_var(x_t, t, alpha_bar)[1], x_t)
+        return self._out(self._x0_mean_var(x_t, t, alpha_bar, sigma)[1], x_t)
 
-    def v(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
-        """The v-prediction target a * eps - sigma_t * x0 with the exact eps and x0."""
+    def v(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
+        """The v-prediction target a * eps - sigma_t * x0 with the exact eps and x0 (VP path only)."""
+        if sigma is not None:
+            raise ValueError("v_prediction assumes a^2 + b^2 = 1 (the VP path); on the flow path use velocity()")
         x = self._flat(x_t)
         ab = self._alpha_bar(t, alpha_bar, x.shape[0], x.device)
         e = self.eps(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
         x0 = self.x0_mean(x_t.to(self.dtype), t, alpha_bar=alpha_bar).reshape(x.shape)
         return self._out(model_output(x0, e, ab.sqrt(), (1.0 - ab).sqrt(), "v_prediction"), x_t)
 
-    def hessian_diag(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
-        """diag nabla^2 log p_t(x_t) = sum_k r_k ((g_k - g)^2 - 1 / v_k)."""
-        return self._out(self._score_hess(x_t, t, alpha_bar)[1], x_t)
+    def velocity(self, x_t, sigma) -> torch.Tensor:
+        """The flow path's exact velocity E[u|x_t] = E[eps|x_t] - E[x0|x_t], u = eps - x0, at
+        x_t = (1 - sigma) x0 + sigma eps (one posterior pass; finite at sigma = 0 and 1, where
+        -(x_t + sigma g)/(1 - sigma) would divide by zero)."""
+        _, a, sig2, var, diff, r, _ = self._posterior(x_t, None, None, sigma)
+        _, mu, s2, _ = self._params(diff.device)
+        eps = sig2[:, :, 0].sqrt() * (r * diff / var).sum(1)
+        x0 = (r * (mu[None] + a * s2[None] / var * diff)).sum(1)
+        return self._out(eps - x0, x_t)
 
-    def h(self, x_t, t=None, *, alpha_bar=None) -> torch.Tensor:
-        """h = sigma_t^2 diag nabla^2 log p_t (what an OCM head predicts); Sigma0 = (sigma_t^2/ab_t)(1 + h)."""
-        _, hess, sig2 = self._score_hess(x_t, t, alpha_bar)
+    def hessian_diag(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
+        """diag nabla^2 log p_t(x_t) = sum_k r_k ((g_k - g)^2 - 1 / v_k)."""
+        return self._out(self._score_hess(x_t, t, alpha_bar, sigma)[1], x_t)
+
+    def h(self, x_t, t=None, *, alpha_bar=None, sigma=None) -> torch.Tensor:
+        """h = b^2 diag nabla^2 log p_t (what an OCM head predicts); Sigma0 = (b^2/a^2)(1 + h)
+        (b^2/a^2 = sigma_t^2/ab_t on VP, sigma^2/(1 - sigma)^2 on the flow path)."""
+        _, hess, sig2 = self._score_hess(x_t, t, alpha_bar, sigma)
         return self._out(sig2 * hess, x_t)
 
-    def _score_hess(self, x_t, t, alpha_bar):
-        """(score [B, D], Hessian diagonal [B, D], sigma_t^2 [B, 1]) from one pass over the
+    def _score_hess(self, x_t, t, alpha_bar, sigma=None):
+        """(score [B, D], Hessian diagonal [B, D], b^2 [B, 1]) from one pass over the
         [B, K, D] posterior tensors."""
-        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar)
+        _, _, sig2, var, diff, r, _ = self._posterior(x_t, t, alpha_bar, sigma)
         g_k = -diff / var
         g = (r * g_k).sum(1, keepdim=True)
         return g[:, 0], (r * ((g_k - g) ** 2 - 1.0 / var)).sum(1), sig2[:, :, 0]
 
-    def eps_and_h(self, x_t, t=None, *, alpha_bar=None):
+    def eps_and_h(self, x_t, t=None, *, alpha_bar=None, sigma=None):
         """(eps, h) at the cost of one posterior evaluation (what an OCM sampler consumes)."""
-        g, hess, sig2 = self._score_hess(x_t, t, alpha_bar)
+        g, hess, sig2 = self._score_hess(x_t, t, alpha_bar, sigma)
         return self._out(-sig2.sqrt() * g, x_t), self._out(sig2 * hess, x_t)
 
-    def predict(self, x_t, t=None, prediction_type: str = "epsilon", *, alpha_bar=None) -> torch.Tensor:
-        """The exact network output for ``prediction_type`` ("epsilon", "v_prediction", "sample")."""
+    def predict(self, x_t, t=None, prediction_type: str = "epsilon", *, alpha_bar=None, sigma=None) -> torch.Tensor:
+        """The exact network output for ``prediction_type``: "epsilon", "v_prediction", "sample" on
+        the VP path (t or alpha_bar); "flow_prediction", "epsilon", "sample" on the flow path (sigma)."""
+        if sigma is not None:
+            if prediction_type not in FLOW_PREDICTIONS:
+                raise ValueError(f"prediction_type on the flow path must be one of {FLOW_PREDICTIONS}, got "
+                                 f"{prediction_type!r}")
+            if prediction_type == "flow_prediction":
+                if t is not None or alpha_bar is not None:
+                    raise ValueError("give one time: t or alpha_bar (the VP path) or sigma (the flow path)")
+                return self.velocity(x_t, sigma)
         if prediction_type == "epsilon":
-            return self.eps(x_t, t, alpha_bar=alpha_bar)
+            return self.eps(x_t, t, alpha_bar=alpha_bar, sigma=sigma)
         if prediction_type == "v_prediction":
             return self.v(x_t, t, alpha_bar=alpha_bar)
         if prediction_type == "sample":
-            return self.x0_mean(x_t, t, alpha_bar=alpha_bar)
+            return self.x0_mean(x_t, t, alpha_bar=alpha_bar, sigma=sigma)
+        if prediction_type == "flow_prediction":
+            raise ValueError("flow_prediction is the flow path's output: pass sigma= "
+                             "(x_t = (1 - sigma) x0 + sigma eps)")
         raise ValueError(f"prediction_type must be one of {PREDICTIONS[:3]} on the VP path, got {prediction_type!r}")
 
     def model(self, prediction_type: str = "epsilon", return_h: bool = False) -> "MixtureModel":
-        """A ``model(x_t, t)`` for every fastdiff sampler (``return_h=True``: returns (output, h),
-        the OCM samplers' combined-model convention)."""
+        """A ``model(x_t, t)`` for every VP sampler (``return_h=True``: returns (output, h),
+        the OCM samplers' combined-model convention). Flow samplers: ``flow_model``."""
         if check_prediction(prediction_type) == "flow_prediction":
-            raise ValueError("flow_prediction needs the flow path; this mixture is on the VP path")
+            raise ValueError("flow_prediction needs the flow path; this is the VP model, use flow_model()")
         return MixtureModel(self, prediction_type, return_h)
 
     def head(self):
-        """The exact OCM head: a callable (x_t, t) -> h."""
+        """The exact OCM head on the VP path: a callable (x_t, t) -> h."""
         return self.h
+
+    def flow_model(self, schedule=None, prediction_type: str = "flow_prediction",
+                   return_h: bool = False) -> "FlowMixtureModel":
+        """The exact network of the flow samplers: ``model(x_t, t)`` with t = sigma * N (float,
+        N = the FlowSchedule's num_train_timesteps, default 1000) returns E[u|x_t] (or eps /
+        x0 for ``prediction_type`` "epsilon" / "sample"); ``return_h=True``: (output, h)."""
+        if prediction_type not in FLOW_PREDICTIONS:
+            raise ValueError(f"prediction_type on the flow path must be one of {FLOW_PREDICTIONS}, got "
+                             f"{prediction_type!r}")
+        return FlowMixtureModel(self, FlowSchedule.coerce(schedule).num_train_timesteps, prediction_type, return_h)
+
+    def flow_head(self, schedule=None):
+        """The exact OCM head of the flow samplers (ocm-flow's ``head=``): a callable (x_t, t) -> h
+        = sigma^2 diag nabla^2 log p_t(x_t) with t = sigma * N."""
+        return functools.partial(_flow_h, self, FlowSchedule.coerce(schedule).num_train_timesteps)
 
     # -- sampling -----------------------------------------------------------------------------
     def sample_x0(self, n: int, generator: Optional[torch.Generator] = None, *, device=None,
@@ -280,6 +365,13 @@ class GaussianMixture:
         eps = torch.randn(x0.shape, generator=generator, dtype=self.dtype, device=x0.device)
         return x0, ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps, eps
 
+    def sample_flow_xt(self, n: int, sigma, generator: Optional[torch.Generator] = None, *, device=None):
+        """(x0, x_t, eps) with x0 ~ p_0, x_t = (1 - sigma) x0 + sigma eps; ``sigma`` a float or [n]."""
+        x0 = self.sample_x0(n, generator, device=device)
+        s = self._sigma(sigma, n, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, dtype=self.dtype, device=x0.device)
+        return x0, (1.0 - s) * x0 + s * eps, eps
+
     def assign(self, x0: torch.Tensor) -> torch.Tensor:
         """The most probable component of each x0 under p_0 (argmax_k r_k at ab = 1), int64 [B]."""
         x = self._flat(x0)
@@ -301,3 +393,28 @@ class MixtureModel(torch.nn.Module):
             return self.mixture.eps_and_h(x_t, t)
         out = self.mixture.predict(x_t, t, self.prediction_type)
         return (out, self.mixture.h(x_t, t)) if self.return_h else out
+
+
+def _sigma_of_timestep(t, num_train_timesteps, dtype):
+    """sigma = t / N from the flow samplers' float timesteps t = sigma * N (no host sync)."""
+    return torch.as_tensor(t).to(dtype) / num_train_timesteps
+
+
+def _flow_h(mixture: GaussianMixture, num_train_timesteps: int, x_t, t):
+    return mixture.h(x_t, sigma=_sigma_of_timestep(t, num_train_timesteps, mixture.dtype))
+
+
+class FlowMixtureModel(torch.nn.Module):
+    """The exact flow-path network of a GaussianMixture: ``model(x_t, t) -> output`` (or
+    (output, h)) with t = sigma * num_train_timesteps, as the flow samplers call it."""
+
+    def __init__(self, mixture: GaussianMixture, num_train_timesteps: int = 1000,
+                 prediction_type: str = "flow_prediction", return_h: bool = False):
+        super().__init__()
+        self.mixture, self.num_train_timesteps = mixture, int(num_train_timesteps)
+        self.prediction_type, self.return_h = prediction_type, bool(return_h)
+
+    def forward(self, x_t, t):
+        sigma = _sigma_of_timestep(t, self.num_train_timesteps, self.mixture.dtype)
+        out = self.mixture.predict(x_t, prediction_type=self.prediction_type, sigma=sigma)
+        return (out, self.mixture.h(x_t, sigma=sigma)) if self.return_h else out

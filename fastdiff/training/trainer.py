@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..engine.predictions import PREDICTIONS, x0_eps
-from ..engine.schedule import Schedule
+from ..engine.schedule import FlowSchedule, Schedule
 
 WEIGHTINGS = ("truncated_snr", "snr+1", "uniform")
 
@@ -113,7 +113,9 @@ class Trainer:
         self.weighting = weighting
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
-        self.schedule = Schedule.coerce(schedule)
+        # A FlowSchedule is kept as it is (the OCM head trainer runs on the flow path too); anything
+        # else is a VP schedule.
+        self.schedule = schedule if isinstance(schedule, FlowSchedule) else Schedule.coerce(schedule)
         self.device = torch.device(device) if device is not None else next(student.parameters()).device
         self.student = student.to(self.device)
         self.batch_size, self.lr, self.grad_clip = int(batch_size), float(lr), grad_clip
