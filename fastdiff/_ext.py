@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 try:
-    from . import _C as C
+    import fastdiff._C as C  # the compiled module (a file of this package, not the package itself)
 except ImportError as exc:  # pragma: no cover - only on a broken or unbuilt install
     raise ImportError(
         "fastdiff's compiled module fastdiff._C is missing or does not load "

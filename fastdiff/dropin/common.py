@@ -183,6 +183,67 @@ class _FastStepMixin:
 
     # -- the fused update -------------------------------------------------------------------------
 
+    # -- what every drop-in's step checks and looks up ---------------------------------------------
+    @staticmethod
+    def _check_pair(model_output, sample) -> None:
+        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise TypeError("model_output and sample must be torch.Tensors, got "
+                            f"{type(model_output).__name__} and {type(sample).__name__}")
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
+                             f"and {tuple(sample.shape)}")
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output and sample must be on the same device, got {model_output.device} "
+                             f"and {sample.device}")
+
+    def _position_in_own_timesteps(self, timestep) -> Optional[int]:
+        """Where ``timestep`` sits in the timesteps tensor set_timesteps made, read from its storage
+        offset (host metadata, no sync), when it is an element of that tensor (what ``for t in
+        scheduler.timesteps`` yields) and the tensor is unedited; else None."""
+        st = self._fd
+        ts = st.ts_obj
+        if (isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and ts is not None
+                and self.__dict__.get("timesteps") is ts and _version_of(ts) == st.ts_version
+                and ts.dim() == 1 and ts.stride(0) == 1 and ts.device == timestep.device
+                and ts.dtype == timestep.dtype
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            i = timestep.storage_offset() - ts.storage_offset()
+            if 0 <= i < len(st.host_ts):
+                return i
+        return None
+
+    def _host_value(self, timestep, cast):
+        """The timestep as a host value (``cast``: int or float32) when that costs no device sync."""
+        if isinstance(timestep, (int, float, np.integer, np.floating)) and not isinstance(timestep, bool):
+            return cast(timestep)
+        i = self._position_in_own_timesteps(timestep)
+        if i is not None:
+            return cast(self._fd.host_ts[i])
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu":
+            return cast(timestep.item())  # a host read, no device to wait for
+        return None
+
+    def _step_row(self, device: torch.device, row: int, n_rows: int) -> torch.Tensor:
+        """A one-element int64 view on ``device`` holding ``row`` (a cached arange: no launch, no copy)."""
+        ids = self._fd.aranges.get(device)
+        if ids is None or ids.numel() != n_rows:
+            ids = self._fd.aranges[device] = torch.arange(n_rows, dtype=torch.int64, device=device)
+        return ids[row:row + 1]
+
+    def _begin_step(self, model_output, timestep, sample) -> int:
+        """The checks a step starts with; the step index (found without a sync on the first step)."""
+        self._check_pair(model_output, sample)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        return self._check_step_index()
+
+    def _check_step_index(self) -> int:
+        i, k = self._step_index, len(self._fd.host_ts)
+        if not 0 <= i < k:
+            raise ValueError(f"step index {i} is outside the {k} steps set_timesteps made: step was called more "
+                             "often than there are timesteps (call set_timesteps again for a new loop)")
+        return i
+
 
 class _VPStepMixin(_FastStepMixin):
     """The VP drop-ins (DDIM, DDPM): diffusers' float32 alphas_cumprod, rows per training timestep
@@ -250,18 +311,10 @@ class _VPStepMixin(_FastStepMixin):
             raise TypeError(f"timestep must be an integer tensor, got {timestep.dtype}")
         if timestep.device.type == "cpu":
             return int(timestep)  # a CPU read: nothing to wait for on a device
-        st = self._fd
-        ts = st.ts_obj
         # Only our own dense tensor, unchanged since host_ts was read (an in-place edit bumps the
         # version counter its views share): otherwise a storage offset could name the wrong step.
-        if (ts is not None and st.ts_own and self.__dict__.get("timesteps") is ts
-                and _version_of(ts) == st.ts_version and ts.dim() == 1 and ts.stride(0) == 1
-                and ts.device == timestep.device and ts.dtype == timestep.dtype
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset() - ts.storage_offset()
-            if 0 <= i < len(st.host_ts):
-                return int(st.host_ts[i])
-        return None
+        i = self._position_in_own_timesteps(timestep) if self._fd.ts_own else None
+        return None if i is None else int(self._fd.host_ts[i])
 
     def _row(self, timestep, device: torch.device) -> Tuple[torch.Tensor, Optional[int]]:
         """(one-element int64 row index on ``device``, host timestep or None)."""
@@ -298,15 +351,7 @@ class _VPStepMixin(_FastStepMixin):
     def _fused(self, model_output, sample, table: Table, row, *, noise=None, seed=None, recompute_eps=False,
                var_mode="table", aux=None):
         """(prev_sample, pred_original_sample) by the one step, with diffusers' checks and messages."""
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
-                             f"and {tuple(sample.shape)}")
-        if model_output.device != sample.device:
-            raise ValueError(f"model_output and sample must be on the same device, got {model_output.device} "
-                             f"and {sample.device}")
+        self._check_pair(model_output, sample)
         options = self._options(recompute_eps, var_mode)
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)
         if not out_dtype.is_floating_point:

@@ -81,28 +81,11 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
         return opts
 
     # -- the step index, without a host sync ------------------------------------------------------
-    def _host_timestep(self, timestep) -> Optional[int]:
-        if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
-            return int(timestep)
-        if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
-            return None
-        st, ts = self._fd, self._fd.ts_obj
-        if (ts is not None and self.__dict__.get("timesteps") is ts and _version_of(ts) == st.ts_version
-                and ts.dim() == 1 and ts.stride(0) == 1 and ts.device == timestep.device
-                and ts.dtype == timestep.dtype
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset() - ts.storage_offset()
-            if 0 <= i < len(st.host_ts):
-                return int(st.host_ts[i])
-        if timestep.device.type == "cpu":
-            return int(timestep)
-        return None
-
     def _init_step_index(self, timestep) -> None:
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = self._host_timestep(timestep)
+        t = self._host_value(timestep, int)
         if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
             super()._init_step_index(timestep)
             return
@@ -120,28 +103,14 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
         if not self._fused_config() or getattr(self._fd, "host_sigmas", None) is None:
             return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                                 return_dict=return_dict)
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
-                             f"and {tuple(sample.shape)}")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        i = self._begin_step(model_output, timestep, sample)
         st = self._fd
         k = len(st.host_ts)
-        i = self._step_index
-        if not 0 <= i < k:
-            raise ValueError(f"step index {i} is outside the {k} steps set_timesteps made: step was called more "
-                             "often than there are timesteps (call set_timesteps again for a new loop)")
         device = sample.device
-        ids = st.aranges.get(device)
-        if ids is None or ids.numel() != 2 * k:
-            ids = st.aranges[device] = torch.arange(2 * k, dtype=torch.int64, device=device)
         # Row i when a previous x0_hat exists (diffusers' lower_order_nums >= 1), else its
         # first-order twin K + i: the order follows the steps taken, as in diffusers.
         second = self.lower_order_nums >= 1
-        row = ids[i:i + 1] if second else ids[k + i:k + i + 1]
+        row = self._step_row(device, i if second else k + i, 2 * k)
         wide = model_output.dtype == torch.float64 or sample.dtype == torch.float64
         x = sample.to(torch.float64 if wide else torch.float32)
         m = model_output.to(torch.float64) if wide else model_output

@@ -56,28 +56,12 @@ class _EulerMixin(_FastStepMixin):
         return self._cached_table(("euler", self._ancestral, pred, st.ts_key),
                                   lambda: C.euler_table(st.host_sigmas, st.host_ts, pred, self._ancestral))
 
-    def _host_timestep(self, timestep) -> Optional[float]:
-        if isinstance(timestep, (float, np.floating)):
-            return float(np.float32(timestep))
-        if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
-            return None
-        st, ts = self._fd, self._fd.ts_obj
-        if (ts is not None and self.__dict__.get("timesteps") is ts and _version_of(ts) == st.ts_version
-                and ts.dim() == 1 and ts.stride(0) == 1 and ts.device == timestep.device
-                and ts.dtype == timestep.dtype
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset() - ts.storage_offset()
-            if 0 <= i < len(st.host_ts):
-                return float(st.host_ts[i])
-        if timestep.device.type == "cpu":
-            return float(timestep.to(torch.float32))
-        return None
-
     def _init_step_index(self, timestep) -> None:
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = self._host_timestep(timestep) if getattr(self._fd, "host_ts", None) is not None else None
+        t = self._host_value(timestep, lambda v: float(np.float32(v))) \
+            if getattr(self._fd, "host_ts", None) is not None else None
         if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
             super()._init_step_index(timestep)
             return
@@ -98,23 +82,10 @@ class _EulerMixin(_FastStepMixin):
                 "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
                 " `EulerDiscreteScheduler.step()` is not supported. Make sure to pass"
                 " one of the `scheduler.timesteps` as a timestep.")
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
-                             f"and {tuple(sample.shape)}")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        i = self._begin_step(model_output, timestep, sample)
         st = self._fd
-        k, i = len(st.host_ts), self._step_index
-        if not 0 <= i < k:
-            raise ValueError(f"step index {i} is outside the {k} steps set_timesteps made: step was called more "
-                             "often than there are timesteps (call set_timesteps again for a new loop)")
+        k = len(st.host_ts)
         device = sample.device
-        ids = st.aranges.get(device)
-        if ids is None or ids.numel() != k:
-            ids = st.aranges[device] = torch.arange(k, dtype=torch.int64, device=device)
         wide = model_output.dtype == torch.float64
         x = sample.to(torch.float64 if wide else torch.float32)
         noise = seed = None
@@ -130,7 +101,7 @@ class _EulerMixin(_FastStepMixin):
             opts = st.options[key] = StepOptions(prediction_type=self.config.prediction_type)
         out = torch.empty(sample.shape, dtype=model_output.dtype, device=device)
         model_in = torch.empty_like(out)
-        _, x0 = step(x, model_output, self._table(), ids[i:i + 1], opts, noise=noise, seed=seed, out=out,
+        _, x0 = step(x, model_output, self._table(), self._step_row(device, i, k), opts, noise=noise, seed=seed, out=out,
                      model_in_out=model_in, return_x0=True, **(self._noise_index(x) if seed is not None else {}))
         self._step_index += 1
         st.next_input = (out, model_in, self._step_index)

@@ -35,6 +35,10 @@ from .common import _FastStepMixin, _version_of
 _OPTIONS = StepOptions(prediction_type="flow_prediction")
 
 
+def _f32(v) -> float:
+    return float(np.float32(v))  # diffusers compares float32 timesteps
+
+
 class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
     """diffusers' ``FlowMatchEulerDiscreteScheduler`` with fastdiff's fused step (see the module
     docstring for what differs). Extra: ``set_noise_seed`` (in-kernel Philox noise for
@@ -91,47 +95,15 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
                                   lambda: C.flow_table(st.host_sigmas, st.host_ts, kind, 0.0))
 
     # -- the step index, without a host sync ------------------------------------------------------
-    def _host_timestep(self, timestep) -> Optional[float]:
-        """The timestep as a float32 value when that costs no device sync, else None."""
-        if isinstance(timestep, (float, np.floating)):
-            return float(np.float32(timestep))
-        if not isinstance(timestep, torch.Tensor) or timestep.numel() != 1:
-            return None
-        st = self._fd
-        ts = st.ts_obj
-        # An element of our own unedited timesteps tensor (what `for t in scheduler.timesteps`
-        # yields) is named by its storage offset, which is host metadata.
-        if (ts is not None and self.__dict__.get("timesteps") is ts and _version_of(ts) == st.ts_version
-                and ts.dim() == 1 and ts.stride(0) == 1 and ts.device == timestep.device
-                and ts.dtype == timestep.dtype
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            i = timestep.storage_offset() - ts.storage_offset()
-            if 0 <= i < len(st.host_ts):
-                return float(st.host_ts[i])
-        if timestep.device.type == "cpu":
-            return float(timestep.to(torch.float32))  # a host read, no device to wait for
-        return None
-
     def _init_step_index(self, timestep) -> None:
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        host = self._host_timestep(timestep) if self._fd.host_ts is not None else None
+        host = self._host_value(timestep, _f32) if self._fd.host_ts is not None else None
         if host is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
             super()._init_step_index(timestep)
             return
         self._step_index = C.index_for_timestep(self._fd.host_ts, host)
-
-    def _row(self, device: torch.device) -> torch.Tensor:
-        ids = self._fd.aranges.get(device)
-        n = len(self._fd.host_ts)
-        if ids is None or ids.numel() != n:
-            ids = self._fd.aranges[device] = torch.arange(n, dtype=torch.int64, device=device)
-        i = self._step_index
-        if not 0 <= i < n:
-            raise ValueError(f"step index {i} is outside the {n} steps set_timesteps made: step was called more "
-                             "often than there are timesteps (call set_timesteps again for a new loop)")
-        return ids[i:i + 1]  # a view: no launch, no copy
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
@@ -149,18 +121,11 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
                                 per_token_timesteps, return_dict)
         if self._fd.host_ts is None:
             raise ValueError("call set_timesteps before step")
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
-                             f"and {tuple(sample.shape)}")
-        if not model_output.is_floating_point():
+        if isinstance(model_output, torch.Tensor) and not model_output.is_floating_point():
             raise TypeError(f"model_output must be floating point, got {model_output.dtype}")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        i = self._begin_step(model_output, timestep, sample)
         device = sample.device
-        row = self._row(device)
+        row = self._step_row(device, i, len(self._fd.host_ts))
         wide = model_output.dtype == torch.float64
         # diffusers upcasts the sample to float32 and casts the result to the model's dtype.
         x = sample.to(torch.float64 if wide else torch.float32)

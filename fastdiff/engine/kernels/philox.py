@@ -69,15 +69,20 @@ if triton is not None:
         return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
     @triton.jit
-    def normal_block(seed, g0, step, stream, BLOCK: tl.constexpr):
-        """Normals for global element indices g0 .. g0 + BLOCK - 1; g0 must be a multiple of 4."""
-        q = (g0 // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    def _words(seed, q, step, stream):
+        """The four Philox words of the groups ``q`` (int64 group indices) at (step, stream)."""
         c0 = (q & 0xFFFFFFFF).to(tl.uint32)
         c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
         zero = c0 * 0
         c2 = zero + step.to(tl.uint32)
         c3 = zero + stream
-        w0, w1, w2, w3 = philox4(seed, c0, c1, c2, c3)
+        return philox4(seed, c0, c1, c2, c3)
+
+    @triton.jit
+    def normal_block(seed, g0, step, stream, BLOCK: tl.constexpr):
+        """Normals for global element indices g0 .. g0 + BLOCK - 1; g0 must be a multiple of 4."""
+        q = (g0 // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
+        w0, w1, w2, w3 = _words(seed, q, step, stream)
         r01 = tl.sqrt(-2.0 * tl.log(_uniform(w0)))
         r23 = tl.sqrt(-2.0 * tl.log(_uniform(w2)))
         th01 = 6.283185307179586 * _uniform(w1)
@@ -98,12 +103,7 @@ if triton is not None:
         same operations, so the bits are the same. One Philox call per element: 4x the work."""
         q = g // 4
         lane = g % 4
-        c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-        c1 = ((q >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        zero = c0 * 0
-        c2 = zero + step.to(tl.uint32)
-        c3 = zero + stream
-        w0, w1, w2, w3 = philox4(seed, c0, c1, c2, c3)
+        w0, w1, w2, w3 = _words(seed, q, step, stream)
         first_pair = lane < 2
         r = tl.sqrt(-2.0 * tl.log(_uniform(tl.where(first_pair, w0, w2))))
         th = 6.283185307179586 * _uniform(tl.where(first_pair, w1, w3))
