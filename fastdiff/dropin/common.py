@@ -41,9 +41,11 @@ try:
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError(
-        "fastdiff.diffusers needs the diffusers package: pip install 'fastdiff[diffusers]' "
+        "fastdiff.diffusers needs the diffusers package: pip install diffusers (or pip install '.[diffusers]' "
+        "in the fastdiff source tree; the PyPI project named fastdiff is an unrelated one) "
         f"({type(exc).__name__}: {exc})") from exc
 
+from ..engine.checks import check_int
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
 
@@ -115,11 +117,10 @@ class _FastStepMixin:
         Saves writing and reading a noise tensor each step, keeps no generator state, and gives
         the same numbers eagerly, in a CUDA graph and when a batch is split; it does not give
         diffusers' numbers. ``variance_noise`` passed to ``step`` still wins."""
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
-                                 or not 0 <= int(seed) < 2**63):
-            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        if seed is not None:
+            seed = check_int("seed (or None)", seed, 0, 2**63, hi_open=True)
         st = self._fd
-        st.seed = None if seed is None else int(seed)
+        st.seed = seed
         st.seed_tensors = {}
 
     @property
@@ -156,6 +157,20 @@ class _FastStepMixin:
             return None, self._seed_tensor(sample.device)
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype), None
+
+    @staticmethod
+    def _check_inputs(model_output, sample, variance_noise=None) -> None:
+        """The tensors of a ``step``, checked before anything is drawn or read, so that every
+        backend refuses the same inputs with the same message (diffusers' own failures here are
+        an AttributeError or torch's "normal_kernel_cpu not implemented for 'Long'")."""
+        for name, t in (("model_output", model_output), ("sample", sample), ("variance_noise", variance_noise)):
+            if t is None and name == "variance_noise":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                                f"got {t.dtype}")
 
     # -- the fused update -------------------------------------------------------------------------
 
@@ -297,6 +312,9 @@ class _VPStepMixin(_FastStepMixin):
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         if options.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs samples of shape (batch, channels, ...), got {tuple(sample.shape)}")
-        if out_dtype == torch.float64 and noise is not None:
-            noise = noise.to(torch.float64)
+        if noise is not None and noise.dtype != out_dtype and (out_dtype == torch.float64 or
+                                                              noise.dtype == torch.float64):
+            # float64 samples compute in float64 (noise widened exactly); float64 noise for a float32
+            # step is rounded to the precision the step computes in
+            noise = noise.to(out_dtype)
         return step(sample, model_output, table, row, options, noise=noise, seed=seed, aux=aux, return_x0=True)

@@ -149,14 +149,10 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
                                 per_token_timesteps, return_dict)
         if self._fd.host_ts is None:
             raise ValueError("call set_timesteps before step")
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
+        self._check_inputs(model_output, sample)
         if tuple(model_output.shape) != tuple(sample.shape):
             raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
                              f"and {tuple(sample.shape)}")
-        if not model_output.is_floating_point():
-            raise TypeError(f"model_output must be floating point, got {model_output.dtype}")
         if self.step_index is None:
             self._init_step_index(timestep)
         device = sample.device
