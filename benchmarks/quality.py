@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 import fastdiff
 import fastdiff.distributed as fdd
+from requires import require
 from fastdiff.training.ocm import MLPHead, ProbeHead, train_head
 from fastdiff.testbed import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
 
@@ -174,6 +175,7 @@ def main(argv=None):
                         "the head training ~10x slower with 2)")
     p.add_argument("--out", default=os.path.join(ROOT, "notes", "ocm_results.md"))
     args = p.parse_args(argv)
+    require("benchmarks/quality.py", "matplotlib")  # the plots come after minutes of sampling
     torch.set_num_threads(args.threads)
     rank, size = 0, 1
     if "WORLD_SIZE" in os.environ:  # launched by torchrun

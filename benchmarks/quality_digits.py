@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastdiff import demo  # noqa: E402
 from fastdiff.testbed import frechet_distance, sliced_wasserstein  # noqa: E402
+from requires import require  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 16, 32)
 SAMPLERS = ("ddpm", "ddim", "ocm-ddpm", "ocm-ddim", "student", "consistency")
@@ -158,6 +159,7 @@ def main(argv=None):
     p.add_argument("--plot", default="benchmarks/quality_digits.png")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    require("benchmarks/quality_digits.py", "sklearn", *(("matplotlib",) if args.plot else ()))
     if args.threads:
         torch.set_num_threads(args.threads)
     header = (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads, "

@@ -56,8 +56,13 @@ inline py::array_t<int64_t> from_ivec(const std::vector<int64_t>& v) {
   return out;
 }
 
+// The upper bound keeps the per-timestep tables of the drop-ins ([N, NCOL] float64) small and
+// every allocation sized by N far from max_size() (fastdiff.engine.schedule.MAX_TRAIN_TIMESTEPS).
+constexpr int64_t kMaxTrainTimesteps = int64_t(1) << 20;
+
 inline void check_num_train(int64_t n) {
-  if (n < 1) value_error("num_train_timesteps must be >= 1, got " + std::to_string(n));
+  if (n < 1 || n > kMaxTrainTimesteps)
+    value_error("num_train_timesteps must be an int in [1, 2**20], got " + std::to_string(n));
 }
 
 // np.linspace(start, stop, num): y_i = i * ((stop - start) / (num - 1)) + start, last = stop.

@@ -17,12 +17,45 @@ def sample(model, shape: Optional[Sequence[int]] = None, *, sampler="ddim", step
            callback: Optional[Callable] = None, cuda_graph: bool = False, **sampler_kwargs) -> torch.Tensor:
     """Sample from ``model`` in one call, e.g.
     ``fastdiff.sample(model, (4, 3, 32, 32), sampler="ddim", steps=50, eta=0.0, seed=0)``.
-    ``sampler`` is a name (``fastdiff.SAMPLERS``) or a Sampler object; keyword arguments beyond
-    the loop's go to the sampler (eta, prediction_type, timestep_spacing, clip_sample,
-    variance_type, ...). ``cuda_graph=True`` replays the loop as one CUDA graph, captured once
-    per (model, sampler configuration, shape, dtype, device); on a non-CUDA device it runs
-    eagerly with one warning. ``shard`` (a ``fastdiff.engine.shard.Shard``): sample that part of
-    a larger latent, with exactly its part of the noise (``fastdiff.distributed`` uses it)."""
+
+    ``model(x_t, t) -> output``: ``t`` is a [batch] tensor of timesteps (int64 on the VP path,
+    float32 sigma * 1000 on the flow path); ``output`` has x_t's shape and is read as
+    ``prediction_type``.
+
+    ``sampler``: a name or a Sampler object. The built-in names (``fastdiff.SAMPLERS``):
+
+    * "ddim" (eta), "ddpm" (variance_type "fixed_small" / "fixed_large"), "consistency" on a VP
+      ``schedule`` (a ``fastdiff.Schedule``, a beta-schedule name such as "scaled_linear", a dict
+      of Schedule keywords, or None for linear over 1000 timesteps);
+    * "ocm-ddpm", "ocm-ddim": covariance-aware DDPM / DDIM (``head=`` the covariance head, or a
+      model returning (output, h));
+    * "dpmpp-2m", "dpmpp-2m-sde": DPM-Solver++ (``solver_order``, ``solver_type``,
+      ``use_karras_sigmas``, ...) and "euler", "euler-a" (sigma space: x_T is scaled by sigma_max,
+      the model sees x / sqrt(sigma^2 + 1)) on a VP ``schedule``;
+    * "flow-euler", "flow-stochastic", "flow-ddim" (eta), "ocm-flow", "flow-dpmpp-2m" on a
+      rectified-flow ``schedule`` (a ``fastdiff.FlowSchedule`` or a dict; ``mu`` /
+      ``image_seq_len`` with dynamic shifting; ``sigmas=[...]`` with ``steps=None``).
+
+    The loop's keywords:
+
+    * ``shape`` (batch first; x_T is drawn from ``seed``) or ``x`` (x_T itself);
+    * ``steps``: sampling steps (or ``timesteps=[...]``, a strictly descending list);
+    * ``seed``: an int in [0, 2**63); ``sample_offset``: the global index of this batch's first
+      sample, so that a batch drawn in pieces equals the batch drawn at once;
+    * ``device`` (default CPU), ``dtype`` (float32, float16, bfloat16);
+    * ``progress``: a tqdm bar; ``callback(i, t, x)`` after each step;
+    * ``cuda_graph=True`` replays the loop as one CUDA graph, captured once per (model, sampler
+      configuration, shape, dtype, device); on a non-CUDA device it runs eagerly with one warning;
+    * ``shard`` (a ``fastdiff.engine.shard.Shard``): sample that part of a larger latent, with
+      exactly its part of the noise (``fastdiff.distributed`` uses it).
+
+    Other keywords go to the sampler: ``prediction_type`` ("epsilon", "v_prediction", "sample";
+    "flow_prediction" on the flow path), ``eta``, ``timestep_spacing`` ("leading", "trailing",
+    "linspace") and ``steps_offset``, ``clip_sample`` / ``clip_sample_range``, ``thresholding``
+    (``dynamic_thresholding_ratio``, ``sample_max_value``), ``use_clipped_model_output``,
+    ``variance_type``, ``head`` / ``cov_max`` / ``clip_pixels`` (OCM), ``backend`` ("triton" or
+    "torch"). Bad values raise ValueError (or TypeError) naming the constraint.
+    """
     if isinstance(sampler, str):
         s = make_sampler(sampler, schedule, steps, **sampler_kwargs)
     else:

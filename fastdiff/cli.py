@@ -8,6 +8,7 @@
     fastdiff bench                                  the step microbenchmark: one fused step against
                                                     the same update as separate eager torch ops
     fastdiff bench --full [--quick]                 benchmarks/bench_step.py (from a source checkout)
+    fastdiff --version                              (also: python -m fastdiff ...)
 
 Errors in the arguments exit with status 2 and a message naming the constraint.
 """
@@ -36,23 +37,19 @@ def _sample(args) -> int:
 
     from . import demo
 
+    if not args.out.lower().endswith(".png"):
+        raise _UsageError(f"--out must name a .png file, got {args.out!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
-    if args.backend is not None:
-        from .engine.backend import resolve
-        try:
-            resolve(args.backend, device)
-        except RuntimeError as exc:  # the backend cannot run here: a usage error, not a crash
-            raise _UsageError(str(exc)) from None
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):  # checked before sampling, not after
-        raise _UsageError(f"--out {args.out}: the directory {out_dir} does not exist")
+    _check_backend(args.backend, device)
+    _check_grid(args.n, args.nrow, args.scale)
+    _check_writable(args.out)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _sample_distributed(args, device)
     t0 = time.perf_counter()
     x = demo.sample(args.sampler, args.steps, args.n, seed=args.seed, eta=args.eta, device=device,
-                    backend=args.backend)
+                    backend=args.backend, progress=not args.quiet and sys.stderr.isatty())
     if device.type == "cuda":
         torch.cuda.synchronize()
     _write_grid(args, x, time.perf_counter() - t0, str(device))
@@ -99,6 +96,48 @@ def _sample_distributed(args, device) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _check_backend(backend, device) -> None:
+    """A --backend that cannot run on this device is a usage error, not a crash."""
+    if backend is not None:
+        from .engine.backend import resolve
+        try:
+            resolve(backend, device)
+        except RuntimeError as exc:
+            raise _UsageError(str(exc)) from None
+
+
+# The PNG grid's longest side: 16384 px (256 MiB of greyscale at most), far above the defaults
+# (64 digits at --scale 4: 265 px) and within what image viewers open.
+MAX_GRID_SIDE = 16384
+
+
+def _check_grid(n: int, nrow, scale: int) -> None:
+    from .demo import IMAGE_SHAPE, grid_shape
+
+    h, w = grid_shape(n, IMAGE_SHAPE[-2:], nrow, scale)
+    if max(h, w) > MAX_GRID_SIDE:
+        raise _UsageError(f"--n {n} --nrow {nrow or 'auto'} --scale {scale} would make a {w}x{h} px grid; its sides "
+                          f"may be at most {MAX_GRID_SIDE} px: lower --scale, or choose --nrow near sqrt(--n)")
+
+
+def _check_writable(path: str) -> None:
+    """--out must be a file we can write, found out before sampling (not after a long run): opened
+    for appending (which leaves an existing file as it is) and removed again if it was new."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise _UsageError(f"--out {path}: the directory {out_dir} does not exist")
+    if os.path.isdir(path):
+        raise _UsageError(f"--out {path} is a directory; name a .png file in it")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise _UsageError(f"--out {path} cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,6 +213,7 @@ def _bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError("--device cuda was asked for but torch sees no CUDA device")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    _check_backend(args.backend, device)
     backend = resolve(args.backend, device)
     sampler = DDPMSampler(None, 50, clip_sample=True)
     table, _, ids = sampler.device_state(device)
@@ -288,10 +328,12 @@ def _shape(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .demo import DEMO_SAMPLERS
 
     parser = argparse.ArgumentParser(prog="fastdiff", description="fast diffusion sampling",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backends are available and why").set_defaults(func=_info)
 
@@ -306,11 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_positive_int("--seed", 0, 2**63 - 1), default=0)
     p.add_argument("--eta", type=_nonneg_float("--eta"), default=0.0, help="DDIM stochasticity (ddim, ocm-ddim)")
     p.add_argument("--out", default="digits.png", help="PNG file to write (default digits.png)")
-    p.add_argument("--nrow", type=_positive_int("--nrow"), default=None, help="images per grid row")
+    p.add_argument("--nrow", type=_positive_int("--nrow", 1, 4096), default=None,
+                   help="images per grid row (default: about sqrt(--n))")
     p.add_argument("--scale", type=_positive_int("--scale", 1, 64), default=4, help="pixel upscaling (default 4)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--backend", choices=("torch", "triton"), default=None,
                    help="force the step backend (default: triton on CUDA, torch on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only on a terminal)")
     p.set_defaults(func=_sample)
 
     b = sub.add_parser("bench", help="step microbenchmark: fused step vs eager torch ops")
@@ -332,8 +376,6 @@ def main(argv=None) -> int:
     if getattr(args, "device", "cpu") is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.command == "sample" and not args.out.lower().endswith(".png"):
-        parser.error(f"--out must name a .png file, got {args.out!r}")
     try:
         return args.func(args)
     except (_UsageError, ValueError, FileNotFoundError) as exc:

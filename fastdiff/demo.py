@@ -203,6 +203,13 @@ def load_digits(device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), torch.tensor(d.target, dtype=torch.int64, device=device)
 
 
+def grid_shape(n: int, image_hw, nrow: Optional[int] = None, scale: int = 4, pad: int = 1) -> Tuple[int, int]:
+    """(height, width) in pixels of ``image_grid`` for ``n`` images of ``image_hw`` pixels."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    return rows * (image_hw[0] * scale + pad) + pad, nrow * (image_hw[1] * scale + pad) + pad
+
+
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, scale: int = 4, pad: int = 1) -> np.ndarray:
     """[B, 1, H, W] images in [-1, 1] -> a uint8 [rows*(H*scale+pad)+pad, ...] grey grid (nearest upscaling)."""
     if images.dim() != 4 or images.shape[1] != 1:
@@ -211,11 +218,10 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, scale: int = 4,
         raise ValueError(f"scale must be >= 1 and pad >= 0, got scale={scale}, pad={pad}")
     b, _, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(b)))
-    ncol_rows = math.ceil(b / nrow)
     img = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()[:, 0]
     img = img.repeat(scale, axis=1).repeat(scale, axis=2)
     hs, ws = h * scale, w * scale
-    grid = np.zeros((ncol_rows * (hs + pad) + pad, nrow * (ws + pad) + pad), dtype=np.uint8)
+    grid = np.zeros(grid_shape(b, (h, w), nrow, scale, pad), dtype=np.uint8)
     for i in range(b):
         r, c = divmod(i, nrow)
         grid[pad + r * (hs + pad): pad + r * (hs + pad) + hs, pad + c * (ws + pad): pad + c * (ws + pad) + ws] = img[i]
@@ -305,11 +311,12 @@ def make_demo_sampler(sampler: str = "ocm-ddpm", steps: int = 10, *, eta: float 
 
 
 def sample(sampler: str = "ocm-ddpm", steps: int = 10, n: int = 64, *, seed: int = 0, eta: float = 0.0,
-           device="cpu", backend: Optional[str] = None) -> torch.Tensor:
+           device="cpu", backend: Optional[str] = None, progress: bool = False) -> torch.Tensor:
     """``n`` digits [n, 1, 8, 8] in [-1, 1] from the packaged demo model (see ``make_demo_sampler``).
-    Deterministic in ``seed`` (the noise is Philox, keyed by seed, element and step)."""
+    Deterministic in ``seed`` (the noise is Philox, keyed by seed, element and step); ``progress``
+    shows a progress bar over the steps."""
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n (the number of samples) must be an int >= 1, got {n!r}")
     model, s = make_demo_sampler(sampler, steps, eta=eta, device=device, backend=backend)
     with torch.no_grad():
-        return s.sample(model, (int(n),) + IMAGE_SHAPE, seed=seed, device=device)
+        return s.sample(model, (int(n),) + IMAGE_SHAPE, seed=seed, device=device, progress=progress)

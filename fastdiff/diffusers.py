@@ -15,8 +15,9 @@ from .dropin.ddpm import DDPMScheduler, DDPMSchedulerOutput
 from .dropin.dpm import DPMSolverMultistepScheduler
 from .dropin.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .dropin.flow import FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerOutput
-from .dropin.swap import swap_scheduler
+from .dropin.swap import swap_scheduler, unswap_scheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput", "DPMSolverMultistepScheduler",
            "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
-           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "swap_scheduler"]
+           "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "swap_scheduler",
+           "unswap_scheduler"]

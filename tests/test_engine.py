@@ -124,7 +124,7 @@ def test_out_of_range_row_reads_the_nearest_row(backend):
     (dict(history=[torch.randn(2, 3, 5)]), "same shape"),
     (dict(table=torch.zeros(4, NCOL, dtype=torch.int64)), "floating-point"),
     (dict(options=StepOptions(), prediction_type="sample"), "not both"),
-    (dict(sample_offset=1.5), "sample_offset must be >= 0"),
+    (dict(sample_offset=1.5), r"sample_offset must be an int in \[0, 2\*\*62\)"),
     (dict(sample_offset=2**61), "below 2\\*\\*62"),
 ])
 @pytest.mark.parametrize("backend", ["triton", "torch"])

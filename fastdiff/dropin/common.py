@@ -41,9 +41,11 @@ try:
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError(
-        "fastdiff.diffusers needs the diffusers package: pip install 'fastdiff[diffusers]' "
+        "fastdiff.diffusers needs the diffusers package: pip install diffusers (or pip install '.[diffusers]' "
+        "in the fastdiff source tree; the PyPI project named fastdiff is an unrelated one) "
         f"({type(exc).__name__}: {exc})") from exc
 
+from ..engine.checks import check_int
 from ..engine.shard import Shard
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
@@ -123,15 +125,14 @@ class _FastStepMixin:
         ``shard`` (a ``fastdiff.engine.shard.Shard``): ``step`` receives that part of a larger
         latent (context parallelism with sharded latents) and draws exactly its part of the full
         latent's noise."""
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
-                                 or not 0 <= int(seed) < 2**63):
-            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        if seed is not None:
+            seed = check_int("seed (or None)", seed, 0, 2**63, hi_open=True)
         if shard is not None and not isinstance(shard, Shard):
             raise TypeError(f"shard must be a fastdiff.engine.shard.Shard or None, got {type(shard).__name__}")
         if shard is not None and seed is None:
             raise ValueError("a shard places the in-kernel noise: give it with a seed")
         st = self._fd
-        st.seed = None if seed is None else int(seed)
+        st.seed = seed
         st.seed_tensors = {}
         st.shard = shard
 
@@ -181,14 +182,24 @@ class _FastStepMixin:
         return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                             dtype=model_output.dtype), None
 
-    # -- the fused update -------------------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(model_output, sample, variance_noise=None) -> None:
+        """The tensors of a ``step``, checked before anything is drawn or read, so that every
+        backend refuses the same inputs with the same message (diffusers' own failures here are
+        an AttributeError or torch's "normal_kernel_cpu not implemented for 'Long'")."""
+        for name, t in (("model_output", model_output), ("sample", sample), ("variance_noise", variance_noise)):
+            if t is None and name == "variance_noise":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                                f"got {t.dtype}")
 
     # -- what every drop-in's step checks and looks up ---------------------------------------------
-    @staticmethod
-    def _check_pair(model_output, sample) -> None:
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
+    @classmethod
+    def _check_pair(cls, model_output, sample) -> None:
+        cls._check_inputs(model_output, sample)
         if tuple(model_output.shape) != tuple(sample.shape):
             raise ValueError(f"model_output and sample must have the same shape, got {tuple(model_output.shape)} "
                              f"and {tuple(sample.shape)}")
@@ -366,8 +377,11 @@ class _VPStepMixin(_FastStepMixin):
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         if options.thresholding and sample.dim() < 2:
             raise ValueError(f"thresholding needs samples of shape (batch, channels, ...), got {tuple(sample.shape)}")
-        if out_dtype == torch.float64 and noise is not None:
-            noise = noise.to(torch.float64)
+        if noise is not None and noise.dtype != out_dtype and (out_dtype == torch.float64 or
+                                                              noise.dtype == torch.float64):
+            # float64 samples compute in float64 (noise widened exactly); float64 noise for a float32
+            # step is rounded to the precision the step computes in
+            noise = noise.to(out_dtype)
         noise_index = self._noise_index(sample, options.thresholding) if seed is not None else {}
         return step(sample, model_output, table, row, options, noise=noise, seed=seed, aux=aux, return_x0=True,
                     **noise_index)

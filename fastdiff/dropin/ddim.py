@@ -10,6 +10,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from .._ext import C
 from ..engine.backend import canonical_device
+from ..engine.checks import check_int, check_real
 from ..engine.tables import Table
 from .common import _VPStepMixin
 
@@ -27,8 +28,7 @@ class DDIMScheduler(_VPStepMixin, _DiffusersDDIMScheduler):
         """Timesteps for ``num_inference_steps`` steps by ``config.timestep_spacing`` (diffusers' rules,
         computed by fastdiff._C). With ``device``, the eta = 0 table is uploaded there now."""
         cfg = self.config
-        if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool):
-            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
         if num_inference_steps > cfg.num_train_timesteps:
             raise ValueError(
                 f"`num_inference_steps`: {num_inference_steps} cannot be larger than `self.config.train_timesteps`:"
@@ -74,11 +74,8 @@ class DDIMScheduler(_VPStepMixin, _DiffusersDDIMScheduler):
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if isinstance(eta, torch.Tensor):
-            eta = float(eta)  # a tensor eta costs a read; pipelines pass a float
-        if not isinstance(eta, (int, float, np.floating, np.integer)) or not np.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        eta = float(eta)
+        self._check_inputs(model_output, sample, variance_noise)
+        eta = check_real("eta", eta, 0)  # a tensor eta costs a read; pipelines pass a float
         row, _ = self._row(timestep, sample.device)
         noise = seed = None
         if eta > 0:

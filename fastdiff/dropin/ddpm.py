@@ -11,6 +11,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from .._ext import C
 from ..engine.backend import canonical_device
+from ..engine.checks import check_int, check_int_array
 from ..engine.tables import Table
 from .common import _VPStepMixin, _version_of
 
@@ -32,15 +33,12 @@ class DDPMScheduler(_VPStepMixin, _DiffusersDDPMScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None:
-            if isinstance(timesteps, torch.Tensor):
-                timesteps = timesteps.detach().cpu().numpy()
-            ts = C.validate_timesteps(np.asarray(timesteps, dtype=np.int64), n)
+            ts = C.validate_timesteps(check_int_array("timesteps", timesteps), n)
             self.custom_timesteps = True
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps or a list of timesteps")
-            if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool):
-                raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+            num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
             if num_inference_steps > n:
                 raise ValueError(
                     f"`num_inference_steps`: {num_inference_steps} cannot be larger than `self.config.train_timesteps`:"
@@ -108,7 +106,8 @@ class DDPMScheduler(_VPStepMixin, _DiffusersDDPMScheduler):
         does: ``variance_noise`` if given, else in-kernel Philox after ``set_noise_seed``, else
         ``randn_tensor``. A GPU timestep that is not an element of ``self.timesteps`` cannot be
         read without a sync, so then noise is drawn (and multiplied by 0 at t = 0)."""
-        if not isinstance(sample, torch.Tensor) or sample.dim() < 2:
+        self._check_inputs(model_output, sample, variance_noise)
+        if sample.dim() < 2:
             raise ValueError("sample must be a tensor of shape (batch, channels, ...)")
         row, host_t = self._row(timestep, sample.device)
         predicted_variance = None

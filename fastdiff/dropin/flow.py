@@ -121,8 +121,6 @@ class FlowMatchEulerDiscreteScheduler(_FastStepMixin, _DiffusersFlowMatchEuler):
                                 per_token_timesteps, return_dict)
         if self._fd.host_ts is None:
             raise ValueError("call set_timesteps before step")
-        if isinstance(model_output, torch.Tensor) and not model_output.is_floating_point():
-            raise TypeError(f"model_output must be floating point, got {model_output.dtype}")
         i = self._begin_step(model_output, timestep, sample)
         device = sample.device
         row = self._step_row(device, i, len(self._fd.host_ts))

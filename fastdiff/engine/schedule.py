@@ -8,10 +8,14 @@ import numpy as np
 import torch
 
 from .._ext import C
+from .checks import check_int, check_int_array, check_real
 from .sigmas import calculate_shift, flow_sigmas
 
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine", "sigmoid")
+# Training timesteps: far above any schedule in use (1000, 4000), and low enough that the
+# per-timestep tables of the drop-ins ([N, NCOL] float64) stay small.
+MAX_TRAIN_TIMESTEPS = 2**20
 
 
 class Schedule:
@@ -37,13 +41,19 @@ class Schedule:
             betas = np.asarray(
                 trained_betas.detach().cpu().double().numpy() if isinstance(trained_betas, torch.Tensor)
                 else trained_betas, dtype=np.float64)
+            if betas.ndim == 1 and betas.shape[0] > MAX_TRAIN_TIMESTEPS:
+                raise ValueError(f"trained_betas may hold at most 2**20 values (training timesteps), got "
+                                 f"{betas.shape[0]}")
             betas = C.validate_betas(betas)
             num_train_timesteps = int(betas.shape[0])
             beta_schedule = "trained"
         else:
-            if not isinstance(num_train_timesteps, (int, np.integer)) or isinstance(num_train_timesteps, bool):
-                raise ValueError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
-            betas = C.make_betas(str(beta_schedule), int(num_train_timesteps), float(beta_start), float(beta_end))
+            num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
+            beta_start = check_real("beta_start", beta_start)
+            beta_end = check_real("beta_end", beta_end)
+            if not isinstance(beta_schedule, str):
+                raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+            betas = C.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:
             betas = C.rescale_zero_terminal_snr(betas)
         self.beta_schedule = beta_schedule
@@ -79,15 +89,21 @@ class Schedule:
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
         """Descending int64 timesteps: ``steps`` chosen by ``spacing`` (diffusers' rules, leading
         adds ``steps_offset``), or an explicit strictly descending list ``timesteps``."""
+        n = self.num_train_timesteps
         if timesteps is not None:
-            if steps is not None and steps != len(timesteps):
-                raise ValueError(f"give steps or timesteps, not both (steps={steps}, {len(timesteps)} timesteps)")
-            return C.validate_timesteps(np.asarray(timesteps, dtype=np.int64), self.num_train_timesteps)
+            ts = check_int_array("timesteps", timesteps)
+            if steps is not None and steps != len(ts):
+                raise ValueError(f"give steps or timesteps, not both (steps={steps}, {len(ts)} timesteps)")
+            return C.validate_timesteps(ts, n)
         if steps is None:
             raise ValueError("steps (the number of sampling steps) or an explicit timesteps list is required")
-        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool):
-            raise ValueError(f"steps must be an int, got {steps!r}")
-        return C.make_timesteps(self.num_train_timesteps, int(steps), str(spacing), int(steps_offset))
+        steps = check_int("steps", steps, 1)
+        if steps > n:
+            raise ValueError(f"the number of sampling steps ({steps}) must not exceed num_train_timesteps ({n})")
+        if spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {spacing!r}")
+        steps_offset = check_int("steps_offset", steps_offset, 0, n, hi_open=True)
+        return C.make_timesteps(n, steps, spacing, steps_offset)
 
     def __repr__(self) -> str:
         return (f"Schedule({self.beta_schedule!r}, num_train_timesteps={self.num_train_timesteps}, "
@@ -113,16 +129,14 @@ class FlowSchedule:
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
                  shift_terminal: Optional[float] = None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False):
-        if not isinstance(num_train_timesteps, (int, np.integer)) or isinstance(num_train_timesteps, bool) \
-                or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
-        self.num_train_timesteps = int(num_train_timesteps)
-        self.shift = float(shift)
+        self.num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
+        self.shift = check_real("shift", shift, 0, lo_open=True)
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
-        self.base_shift, self.max_shift = float(base_shift), float(max_shift)
-        self.base_image_seq_len, self.max_image_seq_len = int(base_image_seq_len), int(max_image_seq_len)
+        self.base_shift, self.max_shift = check_real("base_shift", base_shift), check_real("max_shift", max_shift)
+        self.base_image_seq_len = check_int("base_image_seq_len", base_image_seq_len, 1)
+        self.max_image_seq_len = check_int("max_image_seq_len", max_image_seq_len, 1)
         self.time_shift_type = str(time_shift_type)
-        self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
+        self.shift_terminal = None if shift_terminal is None else check_real("shift_terminal", shift_terminal)
         self.use_karras_sigmas = bool(use_karras_sigmas)
         self.use_exponential_sigmas = bool(use_exponential_sigmas)
         self.use_beta_sigmas = bool(use_beta_sigmas)
@@ -153,7 +167,11 @@ class FlowSchedule:
         if image_seq_len is not None:
             if mu is not None:
                 raise ValueError("give mu or image_seq_len, not both")
-            mu = self.mu(image_seq_len)
+            mu = self.mu(check_int("image_seq_len", image_seq_len, 1))
+        elif mu is not None:
+            mu = check_real("mu", mu)
+        if steps is not None:
+            steps = check_int("steps", steps, 1, 2**20)
         if mu is not None and not self.use_dynamic_shifting:
             raise ValueError("mu (or image_seq_len) applies with use_dynamic_shifting=True only")
         if self.use_dynamic_shifting and mu is None:

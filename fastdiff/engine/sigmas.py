@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .._ext import C
+from .checks import check_int
 
 __all__ = [
     "VPTable", "alpha_sigma_lambda", "beta_ppf", "calculate_shift", "dpm_sigmas", "euler_ancestral_sigmas",
@@ -56,9 +57,7 @@ def _f64(x, name: str) -> Optional[np.ndarray]:
 def _steps(n) -> Optional[int]:
     if n is None:
         return None
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"num_inference_steps must be an int, got {n!r}")
-    return int(n)
+    return check_int("num_inference_steps", n, 1, 2**20)
 
 
 def _is_float32(x) -> bool:

@@ -8,24 +8,23 @@ plain-torch reference (fastdiff/engine/kernels/fused_step.py). Nothing else buil
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .kernels import fused_step as _fused
 from .kernels import philox as _philox
 from .backend import resolve
+from .checks import check_int, check_real
 from .predictions import check_prediction
-from .tables import NCOL, Table
+from .tables import FLOAT32_DIVISOR_MIN, NCOL, Table
 
 VAR_MODES = tuple(_fused.VAR_MODES)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _finite_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+# The global element index keys the noise (invariant 3); the kernel keeps it below 2**62.
+MAX_INDEX = 2**62
 
 
 @dataclass(frozen=True)
@@ -54,25 +53,20 @@ class StepOptions:
 
     def __post_init__(self):
         check_prediction(self.prediction_type)
-        if self.clip_range is not None and not (_finite_number(self.clip_range) and self.clip_range > 0):
-            raise ValueError(f"clip_range must be > 0 (a finite number, or None for no clamp), got {self.clip_range!r}")
+        if self.clip_range is not None:
+            object.__setattr__(self, "clip_range", check_real("clip_range (None for no clamp)", self.clip_range, 0,
+                                                              lo_open=True))
         if self.thresholding:
-            r, mx = self.dynamic_thresholding_ratio, self.sample_max_value
-            if not (_finite_number(r) and 0.0 < r <= 1.0):
-                raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {r!r}")
-            if not (_finite_number(mx) and mx >= 1.0):
-                raise ValueError(f"sample_max_value must be a finite number >= 1, got {mx!r}")
+            object.__setattr__(self, "dynamic_thresholding_ratio", check_real(
+                "dynamic_thresholding_ratio", self.dynamic_thresholding_ratio, 0, 1, lo_open=True))
+            object.__setattr__(self, "sample_max_value", check_real("sample_max_value", self.sample_max_value, 1))
         if self.var_mode not in VAR_MODES:
             raise ValueError(f"var_mode must be one of {VAR_MODES}, got {self.var_mode!r}")
-        if not (isinstance(self.cov_max, (int, float)) and not isinstance(self.cov_max, bool)
-                and self.cov_max > 0):
-            raise ValueError(f"cov_max must be a number > 0 (inf for no cap), got {self.cov_max!r}")
+        object.__setattr__(self, "cov_max", check_real("cov_max (inf for no cap)", self.cov_max, 0, lo_open=True,
+                                                       allow_inf=True))
         for name in ("thresholding", "recompute_eps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.clip_range is not None:
-            object.__setattr__(self, "clip_range", float(self.clip_range))
-        object.__setattr__(self, "cov_max", float(self.cov_max))
 
 
 DEFAULT_OPTIONS = StepOptions()
@@ -100,6 +94,72 @@ def _check_output(name, t, shape, device, wide):
     if not t.is_contiguous() and _overlaps(t):
         raise ValueError(f"{name} must not have overlapping memory (e.g. an expanded tensor): two elements "
                          f"would be written to one address; got strides {t.stride()} for shape {tuple(shape)}")
+
+
+def _span(t: torch.Tensor) -> tuple:
+    """The [first, last + 1) byte addresses of ``t``'s elements (every element lies inside)."""
+    base, es = t.data_ptr(), t.element_size()
+    if t.is_contiguous():
+        return base, base + t.numel() * es
+    lo = hi = 0
+    for st, sz in zip(t.stride(), t.shape):
+        if st > 0:
+            hi += st * (sz - 1)
+        else:
+            lo += st * (sz - 1)
+    return base + lo * es, base + (hi + 1) * es
+
+
+def _check_aliasing(outputs, inputs) -> None:
+    """An output may be an input exactly (same data pointer, strides and dtype: element i is read
+    and written by the same program, so in place is safe on every backend) but must not otherwise
+    share memory with an input or with another output: the kernel would read elements another
+    program already wrote, or write one address twice, and the result would depend on the
+    backend and the launch order. Checked by byte span (about 2 us a step), so two interleaved
+    views of one buffer (x[..., ::2] and x[..., 1::2]) are refused too: give separate tensors."""
+    for i, (oname, o) in enumerate(outputs):
+        if o.numel() == 0:
+            continue
+        a0, a1 = _span(o)
+        for iname, t in inputs:
+            if t is o or t.numel() == 0:
+                continue
+            b0, b1 = _span(t)
+            if a0 < b1 and b0 < a1 and not (a0 == b0 and o.dtype == t.dtype and o.stride() == t.stride()):
+                raise ValueError(f"{oname} shares memory with {iname} without being it (same data pointer, strides "
+                                 f"and dtype): the step would read elements it has already overwritten; give "
+                                 f"{oname}={iname} for in place, or a separate tensor")
+        for pname, p in outputs[:i]:
+            if p.numel() == 0:
+                continue
+            b0, b1 = _span(p)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{pname} and {oname} must be different tensors that do not share memory: both "
+                                 "are written by the step")
+
+
+def _check_precision(table_obj: Table, options: "StepOptions") -> None:
+    """A float32 step divides by a_t (epsilon) or b_t (sample, recompute_eps): a coefficient that is
+    positive in the float64 table but below ``FLOAT32_DIVISOR_MIN`` there would make x0_hat
+    overflow or 0/0 in float32 and the samples NaN. The table finds its tiny divisors once, from
+    its host copy; per step this is a dict lookup (no sync)."""
+    tiny = table_obj.tiny_divisors
+    if not tiny:
+        return
+    needs = []
+    if options.prediction_type == "epsilon":
+        needs.append(("a_t", "an epsilon prediction gives x0_hat = (x_t - b_t eps) / a_t"))
+    if options.prediction_type == "sample" or options.recompute_eps:
+        needs.append(("b_t", "eps_hat = (x_t - a_t x0_hat) / b_t"))
+    for col, why in needs:
+        if col in tiny:
+            row, value = tiny[col]
+            raise ValueError(
+                f"the table's {col} at row {row} is {value:.3g}, below {FLOAT32_DIVISOR_MIN:g}, where float32 "
+                f"arithmetic fails: {why}, which overflows to inf/NaN in float32. This happens with schedules "
+                f"whose alpha_bar underflows (e.g. a linear schedule over tens of thousands of training "
+                f"timesteps). Use fewer training timesteps or prediction_type='v_prediction' (no division); "
+                f"fastdiff.step on float64 tensors computes in float64")
 
 
 def _overlaps(t: torch.Tensor) -> bool:
@@ -147,14 +207,30 @@ def dynamic_thresholds(x, model_output, table: torch.Tensor, index, options: Ste
     mf = model_output if wide or model_output.dtype == torch.float32 else model_output.float()
     _, x0, _ = _fused.reference(xf, mf, table, index, plain)
     flat = x0.reshape(x0.shape[0], -1).abs()
-    s = torch.quantile(flat, options.dynamic_thresholding_ratio, dim=1)
+    s = quantile_rows(flat, options.dynamic_thresholding_ratio)
     return s.clamp(min=1.0, max=options.sample_max_value)
 
 
-def _as_offset(v) -> int:
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise ValueError(f"sample_offset must be >= 0 (an int), got {v!r}")
-    return operator.index(v)
+# torch.quantile refuses rows longer than this ("quantile() input tensor is too large").
+QUANTILE_MAX_ROW = 2**24
+
+
+def quantile_rows(flat: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(flat, q, dim=1) (linear interpolation) for rows of any length, bit for bit:
+    rows up to QUANTILE_MAX_ROW go to torch.quantile; longer ones (video latents) take the two
+    order statistics around rank q (n - 1) with kthvalue and interpolate them as torch.quantile
+    does (rank and weight in the tensor's dtype, torch.lerp). A row holding NaN gives NaN, as in
+    torch.quantile; no host sync either way."""
+    n = flat.shape[1]
+    if n <= QUANTILE_MAX_ROW:
+        return torch.quantile(flat, q, dim=1)
+    np_dtype = np.float64 if flat.dtype == torch.float64 else np.float32
+    rank = np_dtype(q) * np_dtype(n - 1)
+    below, above = int(np.floor(rank)), int(np.ceil(rank))
+    lo = flat.kthvalue(below + 1, dim=1).values
+    hi = lo if above == below else flat.kthvalue(above + 1, dim=1).values
+    out = torch.lerp(lo, hi, torch.full_like(lo, float(rank - np_dtype(below))))
+    return torch.where(flat.isnan().any(dim=1), torch.full_like(out, math.nan), out)
 
 
 # -- the step ----------------------------------------------------------------------------------
@@ -235,22 +311,24 @@ def step(
         raise ValueError(f"history holds at most 2 tensors (columns c_h0, c_h1), got {len(history)}")
     for j, h in enumerate(history):
         _check_tensor(f"history[{j}]", h, shape, device, wide)
-    if type(sample_offset) is not int:
-        sample_offset = _as_offset(sample_offset)
-    if sample_offset < 0:
-        raise ValueError(f"sample_offset must be >= 0 (an int), got {sample_offset!r}")
+    if type(sample_offset) is not int or not 0 <= sample_offset < MAX_INDEX:
+        sample_offset = check_int("sample_offset", sample_offset, 0, MAX_INDEX, hi_open=True)
     if thresholds is not None:
         if len(shape) == 0 or thresholds.shape != (shape[0],):
             raise ValueError(f"thresholds must have shape (batch,) = ({shape[0] if len(shape) else '?'},), "
                              f"got {tuple(thresholds.shape)}")
         if thresholds.device != device:
             raise ValueError(f"thresholds must be on {device}, got {thresholds.device}")
-    for name, t in (("out", out), ("x0_out", x0_out), ("model_in_out", model_in_out)):
-        if t is not None:
-            _check_output(name, t, shape, device, wide)
-    if x0_out is not None and (x0_out is out or x0_out is model_in_out) or \
-            (model_in_out is not None and model_in_out is out):
-        raise ValueError("out, x0_out and model_in_out must be different tensors")
+    outputs = [(name, t) for name, t in (("out", out), ("x0_out", x0_out), ("model_in_out", model_in_out))
+               if t is not None]
+    for name, t in outputs:
+        _check_output(name, t, shape, device, wide)
+    if outputs:
+        inputs = [("x", x), ("model_output", model_output)]
+        inputs += [(name, t) for name, t in (("noise", noise), ("aux", aux), ("thresholds", thresholds))
+                   if t is not None]
+        inputs += [(f"history[{j}]", h) for j, h in enumerate(history)]
+        _check_aliasing(outputs, inputs)
     if options.thresholding and len(shape) < 1:
         raise ValueError("thresholding needs a batch dimension")
 
@@ -261,10 +339,12 @@ def step(
         raise ValueError(f"index_offset must be an int >= 0, given instead of sample_offset (not both), got "
                          f"index_offset={index_offset!r}, sample_offset={sample_offset}")
     index_run = _philox.check_index_run(index_run, x.numel())
-    if _philox.index_end(index_offset, x.numel(), index_run) > 2**62:
+    if _philox.index_end(index_offset, x.numel(), index_run) > MAX_INDEX:
         raise ValueError(f"global element indices must stay below 2**62 (they key the noise): sample_offset * "
                          f"elements per sample + elements, got sample_offset={sample_offset} for {per_sample} "
                          f"elements per sample (index_offset {index_offset}, index_run {index_run})")
+    if not wide and table_obj is not None:
+        _check_precision(table_obj, options)
     if options.thresholding and thresholds is None:
         thresholds = dynamic_thresholds(x, model_output, tab, index, options)
 

@@ -25,12 +25,18 @@ ROWS = ("step", "timestep")
 # Device copies kept per table: (device, dtype) pairs, least recently used dropped first.
 _MAX_COPIES = 4
 
+# A float32 step divides by a_t (epsilon predictions) or b_t (sample predictions): below this the
+# quotient of an O(1) numerator overflows float32 (max 3.4e38) with eight orders of margin, and
+# below float32's smallest normal (1.2e-38) the divisor itself rounds to 0 or loses its digits.
+FLOAT32_DIVISOR_MIN = 1e-30
+_DIVISORS = ("a_t", "b_t")
+
 
 class Table:
     """``host``: [rows, NCOL] float64 (read-only). ``on(device, dtype)`` gives the device copy
     (made once, cached); ``backend(device)`` the path a step on that device takes."""
 
-    __slots__ = ("host", "rows", "backend_choice", "used", "_copies", "_resolved", "_key")
+    __slots__ = ("host", "rows", "backend_choice", "used", "tiny_divisors", "_copies", "_resolved", "_key")
 
     def __init__(self, host, *, rows: str = "step", backend: Optional[str] = None):
         if isinstance(host, torch.Tensor):
@@ -44,6 +50,15 @@ class Table:
         self.host = host
         # The columns that are non-zero in some row: the step skips the terms of the others.
         self.used = frozenset(name for j, name in enumerate(COLUMNS) if np.any(host[:, j] != 0.0))
+        # Divisor columns with a value that is positive but too small for float32 arithmetic:
+        # name -> (first such row, its value); the step refuses a float32 call that would divide by it.
+        self.tiny_divisors = {}
+        for name in _DIVISORS:
+            col = np.abs(host[:, COLUMNS.index(name)])
+            bad = (col > 0) & (col < FLOAT32_DIVISOR_MIN)
+            if bad.any():
+                r = int(np.argmax(bad))
+                self.tiny_divisors[name] = (r, float(host[r, COLUMNS.index(name)]))
         self.rows = rows
         self.backend_choice = backend
         self._copies: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..engine.checks import check_device, check_int, check_real
 from ..engine.predictions import check_prediction
 from ..engine.shard import Shard
 from ..engine.step import StepOptions, step
@@ -91,12 +91,12 @@ class Sampler:
         backend: Optional[str] = None,
     ):
         check_prediction(prediction_type)
-        if clip_sample and not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+        if clip_sample:
+            clip_sample_range = check_real("clip_sample_range", clip_sample_range, 0, lo_open=True)
         self.options = StepOptions(
-            prediction_type=prediction_type, clip_range=float(clip_sample_range) if clip_sample else None,
-            thresholding=bool(thresholding), dynamic_thresholding_ratio=float(dynamic_thresholding_ratio),
-            sample_max_value=float(sample_max_value), recompute_eps=bool(use_clipped_model_output),
+            prediction_type=prediction_type, clip_range=clip_sample_range if clip_sample else None,
+            thresholding=bool(thresholding), dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value, recompute_eps=bool(use_clipped_model_output),
             var_mode=self.var_mode)
         self.backend = backend
         self.uses_noise = True  # whether steps draw noise (DDIM with eta = 0 does not)
@@ -216,7 +216,8 @@ class Sampler:
         if shard is not None:
             shape = check_shard(self, shard, shape, x, sample_offset)
         shape, device, dtype = check_sample_args(shape, x, seed, sample_offset, device, dtype)
-        seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+        seed, sample_offset = check_int("seed", seed), check_int("sample_offset", sample_offset)
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
         if x is None:
             per_sample = math.prod(shape[1:])
             noise_index = shard.noise_index if shard is not None else {"index_offset": sample_offset * per_sample}
@@ -244,16 +245,6 @@ class Sampler:
                 f"{getattr(self, 'schedule', None)})")
 
 
-def _int_like(v) -> bool:
-    if isinstance(v, bool):
-        return False
-    try:
-        operator.index(v)
-    except TypeError:
-        return False
-    return True
-
-
 def check_shard(sampler: Sampler, shard, shape, x, sample_offset) -> tuple:
     """Validate a shard given to ``Sampler.sample``; returns the local shape."""
     if not isinstance(shard, Shard):
@@ -279,12 +270,19 @@ def check_sample_args(shape, x, seed, sample_offset, device, dtype):
     if x is None:
         if shape is None:
             raise ValueError("give shape (to draw x_T from the seed) or x (x_T itself)")
-        if not all(_int_like(s) for s in shape):
-            raise ValueError(f"shape must hold integers, got {tuple(shape)}")
-        shape = tuple(operator.index(s) for s in shape)
-        if len(shape) == 0 or any(s <= 0 for s in shape):
-            raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        if isinstance(shape, (str, bytes, int, float, torch.Tensor)) or not hasattr(shape, "__iter__"):
+            raise ValueError(f"shape must be a tuple of ints with the batch first, such as (4, 3, 32, 32), got "
+                             f"{shape!r}")
+        shape = tuple(shape)
+        try:
+            sizes = tuple(check_int("shape entries", s, 1) for s in shape)
+        except ValueError:
+            sizes = ()
+        if not sizes:
+            raise ValueError(f"shape must be a non-empty tuple of positive sizes (ints), such as (4, 3, 32, 32), "
+                             f"got {shape}")
+        shape = sizes
+        device = check_device(device)
     else:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise ValueError("x must be a tensor with a batch dimension")
@@ -293,8 +291,6 @@ def check_sample_args(shape, x, seed, sample_offset, device, dtype):
         device, dtype = x.device, x.dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    if not _int_like(seed) or not 0 <= operator.index(seed) < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    if not _int_like(sample_offset) or not 0 <= operator.index(sample_offset) < 2**62:
-        raise ValueError(f"sample_offset must be >= 0 and an int below 2**62, got {sample_offset!r}")
+    check_int("seed", seed, 0, 2**63, hi_open=True)
+    check_int("sample_offset", sample_offset, 0, 2**62, hi_open=True)
     return (tuple(x.shape) if x is not None else shape), device, dtype

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .._ext import C
+from ..engine.checks import check_real
 from .base import Sampler
 from .registry import register_sampler
 from .vp import DDIMSampler, DDPMSampler
@@ -51,15 +52,11 @@ class _OCMHead(Sampler):
     def _ocm_init(self, head, cov_max, clip_pixels):
         if head is not None and not callable(head):
             raise TypeError(f"head must be a callable (x_t, t) -> h or None, got {type(head).__name__}")
-        if cov_max is None:
-            cov_max = math.inf
-        if not (isinstance(cov_max, (int, float)) and not isinstance(cov_max, bool) and cov_max > 0):
-            raise ValueError(f"cov_max must be a number > 0 (or None for no cap), got {cov_max!r}")
-        if clip_pixels is not None and not (isinstance(clip_pixels, (int, float)) and clip_pixels > 0):
-            raise ValueError(f"clip_pixels must be a number > 0 or None, got {clip_pixels!r}")
         self.head = head
-        self.cov_max = float(cov_max)
-        self.clip_pixels = None if clip_pixels is None else float(clip_pixels)
+        self.cov_max = math.inf if cov_max is None else check_real("cov_max (None for no cap)", cov_max, 0,
+                                                                   lo_open=True, allow_inf=True)
+        self.clip_pixels = None if clip_pixels is None else check_real("clip_pixels (or None)", clip_pixels, 0,
+                                                                       lo_open=True)
         self._replace_options(var_mode="ocm", cov_max=self.cov_max)
         # The covariance term injects noise even where the base sampler has none (DDIM, eta = 0).
         self.uses_noise = True

@@ -2,13 +2,12 @@
 timestep selection) and DDIM / DDPM, two C++ tables for the one step."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import numpy as np
 
 from .._ext import C
+from ..engine.checks import check_real
 from ..engine.schedule import Schedule, next_timesteps
 from .base import Sampler
 from .registry import register_sampler
@@ -42,9 +41,7 @@ class VPSampler(Sampler):
 
 
 def check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(float(eta)) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    return float(eta)
+    return check_real("eta", eta, 0)
 
 
 @register_sampler
@@ -98,6 +95,9 @@ class DDPMSampler(VPSampler):
     name = "ddpm"
 
     def __init__(self, schedule=None, steps: Optional[int] = 50, *, variance_type: str = "fixed_small", **kw):
+        if "eta" in kw:
+            raise TypeError("DDPM has no eta: its noise is fixed by variance_type ('fixed_small' is DDIM's eta = 1); "
+                            "for another eta use sampler='ddim'")
         if variance_type not in ("fixed_small", "fixed_large", "fixed_small_log", "fixed_large_log"):
             raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large' (or their _log names) for "
                              f"DDPMSampler, got {variance_type!r}; learned variances need the model's "

@@ -23,10 +23,14 @@ from typing import Optional
 import torch
 
 from ..backend import resolve
+from ..checks import check_int
 
 # Streams separate independent uses of one seed.
 STREAM_STEP = 0
 STREAM_INIT = 1
+# The step and the stream are 32-bit counter words; both backends take them from [0, 2**31), which
+# Triton passes as int32 (a Python int at or above 2**31 would be specialised as a wider type).
+COUNTER_MAX = 2**31
 
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
@@ -264,9 +268,11 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
           backend: Optional[str] = None) -> torch.Tensor:
     """Standard normal tensor whose element ``i`` (row-major) is keyed by ``index_offset + i``.
 
-    ``seed`` is an int or a one-element int64 tensor on the device (the graphed samplers keep it
-    there so a new seed needs no re-capture). Two calls covering ``[0, a)`` and ``[a, n)`` with
-    ``index_offset`` 0 and ``a`` give exactly the halves of one call covering ``[0, n)``.
+    ``seed`` is an int in [0, 2**63) or a one-element integer tensor on the device (the graphed
+    samplers keep it there so a new seed needs no re-capture). ``step`` and ``stream`` lie in
+    [0, 2**31) and ``index_offset`` in [0, 2**62), on every backend. Two calls covering ``[0, a)``
+    and ``[a, n)`` with ``index_offset`` 0 and ``a`` give exactly the halves of one call covering
+    ``[0, n)``.
 
     ``index_run=(length, stride)``: element i is keyed by index_offset + (i // length) * stride
     + i % length instead, the indices of a slice along one dimension of a larger row-major tensor
@@ -278,12 +284,24 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
         if not out.is_contiguous():
             raise ValueError("randn: out must be contiguous")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    shape = tuple(int(s) for s in shape)
-    if index_offset < 0:
-        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
+    if isinstance(shape, (int, torch.Tensor)) or not hasattr(shape, "__iter__"):
+        raise ValueError(f"randn: shape must be a sequence of ints such as (2, 3), got {shape!r}")
+    shape = tuple(check_int("randn: shape entries", s, 0) for s in shape)
+    step = check_int("randn: step", step, 0, COUNTER_MAX, hi_open=True)
+    stream = check_int("randn: stream", stream, 0, COUNTER_MAX, hi_open=True)
+    index_offset = check_int("index_offset", index_offset, 0, 2**62, hi_open=True)
+    if index_offset + math.prod(shape) > 2**62:
+        raise ValueError(f"randn: index_offset + elements must stay below 2**62 (the global element index keys "
+                         f"the noise), got {index_offset} + {math.prod(shape)}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"randn: dtype must be a floating type, got {dtype}")
-    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise ValueError(f"randn: a seed tensor must hold one integer, got shape {tuple(seed.shape)} of "
+                             f"{seed.dtype}")
+        seed_t = seed
+    else:
+        seed_t = torch.tensor([check_int("seed", seed, 0, 2**63, hi_open=True)], dtype=torch.int64)
     seed_t = seed_t.to(device=device, dtype=torch.int64).reshape(1)
     out = torch.empty(shape, device=device, dtype=dtype) if out is None else out
     n = out.numel()
