@@ -106,7 +106,9 @@ def main():
     import triton  # noqa: F401  (version in the header)
 
     import fastdiff
-    from fastdiff.diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from fastdiff.diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                    FlowMatchEulerDiscreteScheduler)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,7 +134,10 @@ def main():
     cases = [("DDIM eta=0", diffusers.DDIMScheduler, DDIMScheduler, 0.0),
              ("DDIM eta=1", diffusers.DDIMScheduler, DDIMScheduler, 1.0),
              ("DDPM fixed_small", diffusers.DDPMScheduler, DDPMScheduler, None),
-             ("FlowMatch Euler", diffusers.FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, None)]
+             ("FlowMatch Euler", diffusers.FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, None),
+             ("DPM++ 2M", diffusers.DPMSolverMultistepScheduler, DPMSolverMultistepScheduler, None),
+             ("Euler", diffusers.EulerDiscreteScheduler, EulerDiscreteScheduler, None),
+             ("Euler a", diffusers.EulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, None)]
     gpu = device.type == "cuda"
     print("| step | shape | dtype | diffusers host µs | fastdiff host µs | host speedup |"
           + (" diffusers device µs | fastdiff device µs | device speedup |" if gpu else ""))

@@ -27,8 +27,10 @@ def triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1). Read once: triton
+    itself reads it once, at its first import, and the lookup was ~1 us of every launch."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

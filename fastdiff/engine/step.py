@@ -117,14 +117,14 @@ def _check_aliasing(outputs, inputs) -> None:
     program already wrote, or write one address twice, and the result would depend on the
     backend and the launch order. Checked by byte span (about 2 us a step), so two interleaved
     views of one buffer (x[..., ::2] and x[..., 1::2]) are refused too: give separate tensors."""
+    spans = [(iname, t) + _span(t) for iname, t in inputs if t.numel()]  # each input's bytes, once
     for i, (oname, o) in enumerate(outputs):
         if o.numel() == 0:
             continue
         a0, a1 = _span(o)
-        for iname, t in inputs:
-            if t is o or t.numel() == 0:
+        for iname, t, b0, b1 in spans:
+            if t is o:
                 continue
-            b0, b1 = _span(t)
             if a0 < b1 and b0 < a1 and not (a0 == b0 and o.dtype == t.dtype and o.stride() == t.stride()):
                 raise ValueError(f"{oname} shares memory with {iname} without being it (same data pointer, strides "
                                  f"and dtype): the step would read elements it has already overwritten; give "
@@ -338,8 +338,10 @@ def step(
     elif sample_offset != 0 or isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
         raise ValueError(f"index_offset must be an int >= 0, given instead of sample_offset (not both), got "
                          f"index_offset={index_offset!r}, sample_offset={sample_offset}")
-    index_run = _philox.check_index_run(index_run, x.numel())
-    if _philox.index_end(index_offset, x.numel(), index_run) > MAX_INDEX:
+    n = x.numel()
+    if index_run is not None:
+        index_run = _philox.check_index_run(index_run, n)
+    if (index_offset + n if index_run is None else _philox.index_end(index_offset, n, index_run)) > MAX_INDEX:
         raise ValueError(f"global element indices must stay below 2**62 (they key the noise): sample_offset * "
                          f"elements per sample + elements, got sample_offset={sample_offset} for {per_sample} "
                          f"elements per sample (index_offset {index_offset}, index_run {index_run})")
