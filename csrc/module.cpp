@@ -7,6 +7,7 @@
 namespace fastdiff {
 void register_schedules(py::module_& m);
 void register_tables(py::module_& m);
+void register_cpu_step(py::module_& m);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("NCOL") = static_cast<int>(NCOL);
   register_schedules(m);
   register_tables(m);
+  register_cpu_step(m);
 }
