@@ -143,9 +143,11 @@ Scratch& scratch() {
 
 // --- the loops, once per instruction set --------------------------------------------------------------
 
+#define FASTDIFF_KERNEL_WORDS philox::philox_words
 namespace baseline {
 #include "cpu_step_kernel.h"
 }  // namespace baseline
+#undef FASTDIFF_KERNEL_WORDS
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTDIFF_NO_DISPATCH)
 #define FASTDIFF_X86_DISPATCH 1
@@ -153,15 +155,19 @@ namespace baseline {
 // sum, so all instruction sets give the same bits as each other and as the fp32 reference.
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define FASTDIFF_KERNEL_WORDS philox::philox_words_avx2
 namespace avx2 {
 #include "cpu_step_kernel.h"
 }  // namespace avx2
+#undef FASTDIFF_KERNEL_WORDS
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+#define FASTDIFF_KERNEL_WORDS philox::philox_words_avx512
 namespace avx512 {
 #include "cpu_step_kernel.h"
 }  // namespace avx512
+#undef FASTDIFF_KERNEL_WORDS
 #pragma GCC pop_options
 #endif
 
@@ -248,7 +254,7 @@ class Pool {
   }
 
  private:
-  // ~50 us of pause instructions (about 64 cycles each on Zen, 140 on Skylake and later).
+  // ~50 us of pause instructions (27 ns each measured on this Zen 5 VM; ~40 ns on Skylake).
   static constexpr int kSpin = 2000;
 
   static void cpu_relax() {
@@ -314,13 +320,14 @@ class Pool {
 // Below this many elements of work a step runs on the calling thread: waking a worker and
 // splitting costs more than it saves. Measured on 2 cores (benchmarks/bench_step.py): the
 // deterministic step breaks even near 64K elements, the noised one (4x the arithmetic) near 16K.
-constexpr int64_t kParallelWork = 1 << 16;
+constexpr int64_t kParallelWorkDefault = 1 << 16;
+std::atomic<int64_t> g_parallel_work{kParallelWorkDefault};
 
 void parallel_range(int64_t n, int64_t work_per_element, int threads,
                     const std::function<void(int64_t, int64_t)>& body) {
   const int64_t work = n * work_per_element;
   int parts = threads < 1 ? 1 : threads;
-  if (work < kParallelWork) parts = 1;
+  if (work < g_parallel_work.load(std::memory_order_relaxed)) parts = 1;
   // At least one chunk per part, and no more parts than chunks.
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   if (parts > chunks) parts = static_cast<int>(chunks);
@@ -638,7 +645,11 @@ void register_cpu_step(py::module_& m) {
   modes["learned"] = static_cast<int>(kVarLearned);
   m.attr("CPU_VAR_MODES") = modes;
   m.attr("CPU_CHUNK") = kChunk;
-  m.attr("CPU_PARALLEL_WORK") = kParallelWork;
+  m.attr("CPU_PARALLEL_WORK") = kParallelWorkDefault;
+  m.def("_set_cpu_parallel_work", [](int64_t w) {
+    if (w < 0) value_error("the parallel threshold must be >= 0");
+    g_parallel_work.store(w);
+  }, py::arg("work"), "Benchmarks: elements of work (x4 for in-kernel noise) below which a step runs on one thread.");
 
   m.def("cpu_step", &cpu_step, py::arg("shape"), py::arg("x"), py::arg("model_output"), py::arg("aux"),
         py::arg("noise"), py::arg("h0"), py::arg("h1"), py::arg("out"), py::arg("x0_out"), py::arg("model_in_out"),

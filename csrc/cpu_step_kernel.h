@@ -3,6 +3,7 @@
 // each time inside its own namespace, and picks one at run time. The types (View, StepParams,
 // Scratch) and the always-inlined helpers (dtype conversions, philox.h) are defined by the
 // includer; only loops live here, so that each copy is vectorised for its instruction set.
+// FASTDIFF_KERNEL_WORDS names the Philox word generator of that instruction set.
 //
 // A chunk of kChunk logical elements is processed at a time: each input is converted to float32
 // in an L1-resident buffer (or read in place when it is dense float32), the update runs as a few
@@ -121,7 +122,7 @@ inline void store(const View& v, int64_t lo, int64_t len, const float* buf) {
 inline const float* philox_chunk(const StepParams& p, int64_t g, int64_t len, Scratch& s) {
   const uint64_t q0 = static_cast<uint64_t>(g) >> 2;
   const uint64_t q1 = static_cast<uint64_t>(g + len - 1) >> 2;
-  philox::normals_groups(p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words, s.z);
+  philox::normals_groups(FASTDIFF_KERNEL_WORDS, p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words, s.z);
   return s.z + (g & 3);
 }
 
@@ -131,7 +132,7 @@ void randn_range(const RandnParams& p, int64_t lo, int64_t hi) {
     const int64_t len = std::min(kChunk, hi - c);
     const uint64_t g = static_cast<uint64_t>(p.index_offset + c);
     const uint64_t q0 = g >> 2, q1 = (g + len - 1) >> 2;
-    philox::normals_groups(p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words,
+    philox::normals_groups(FASTDIFF_KERNEL_WORDS, p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words,
                            s.z);
     store(p.out, c, len, s.z + (g & 3));
   }
@@ -139,10 +140,38 @@ void randn_range(const RandnParams& p, int64_t lo, int64_t hi) {
 
 // --- the step ---------------------------------------------------------------------------------------
 
-inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s) {
+// x0_hat, eps_hat and c_x0 x0_hat + c_eps eps_hat + c_xt x_t in one loop, for steps without clip,
+// thresholds or recomputed eps (most): one pass over L1 instead of two (float32, one thread:
+// 183 -> 125 us at 1M elements, 51 -> 42 us at 256K).
+template <int PRED>
+void predict_combine(const float* __restrict X, const float* __restrict M, const Coef& c, float* __restrict X0,
+                     float* __restrict XS, int64_t len) {
+  const float a = c.a_t, b = c.b_t, c_x0 = c.c_x0, c_eps = c.c_eps, c_xt = c.c_xt;
+  for (int64_t i = 0; i < len; ++i) {
+    const float x = X[i], m = M[i];
+    float x0, eps;
+    if (PRED == kEpsilon) {
+      x0 = (x - b * m) / a;
+      eps = m;
+    } else if (PRED == kVPrediction) {
+      x0 = a * x - b * m;
+      eps = a * m + b * x;
+    } else if (PRED == kSample) {
+      x0 = m;
+      eps = (x - a * m) / b;
+    } else {
+      x0 = x - b * m;
+      eps = x + a * m;
+    }
+    X0[i] = x0;
+    XS[i] = c_x0 * x0 + c_eps * eps + c_xt * x;
+  }
+}
+
+// The same with clip / thresholds / recomputed eps: a loop per stage (x0_hat, clamp, eps, sum).
+inline void predict_clip_combine(const StepParams& p, int64_t lo, int64_t len, const float* __restrict X,
+                                 const float* __restrict M, Scratch& s) {
   const Coef& c = p.coef;
-  const float* __restrict X = load(p.x, lo, len, s.x);
-  const float* __restrict M = load(p.m, lo, len, s.m);
   float* __restrict X0 = s.x0;
   float* __restrict EB = s.eps;
   const float* E = M;  // eps_hat: the model output itself for epsilon prediction
@@ -206,6 +235,24 @@ inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s)
     const float c_x0 = c.c_x0, c_eps = c.c_eps, c_xt = c.c_xt;
     const float* __restrict EE = E;
     for (int64_t i = 0; i < len; ++i) XS[i] = c_x0 * X0[i] + c_eps * EE[i] + c_xt * X[i];
+  }
+}
+
+inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s) {
+  const Coef& c = p.coef;
+  const float* __restrict X = load(p.x, lo, len, s.x);
+  const float* __restrict M = load(p.m, lo, len, s.m);
+  float* __restrict X0 = s.x0;
+  float* __restrict XS = s.xs;
+  if (p.thresholds == nullptr && !p.clip && !p.recompute_eps) {
+    switch (p.prediction) {
+      case kEpsilon: predict_combine<kEpsilon>(X, M, p.coef, X0, XS, len); break;
+      case kVPrediction: predict_combine<kVPrediction>(X, M, p.coef, X0, XS, len); break;
+      case kSample: predict_combine<kSample>(X, M, p.coef, X0, XS, len); break;
+      default: predict_combine<kFlow>(X, M, p.coef, X0, XS, len); break;
+    }
+  } else {
+    predict_clip_combine(p, lo, len, X, M, s);
   }
   if (p.h0) {
     const float* __restrict H = load(p.h0, lo, len, s.h0);
