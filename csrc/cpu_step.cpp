@@ -317,9 +317,12 @@ class Pool {
   std::atomic<int> pending_{0};
 };
 
-// Below this many elements of work a step runs on the calling thread: waking a worker and
-// splitting costs more than it saves. Measured on 2 cores (benchmarks/bench_step.py): the
-// deterministic step breaks even near 64K elements, the noised one (4x the arithmetic) near 16K.
+// Below this many elements of work (x4 with in-kernel noise) a step runs on the calling thread.
+// Measured on this 2-core VM, float32, back to back (worker spinning): 2 threads break even for
+// the deterministic step at 16K-32K elements (1.28x at 64K) and gain already at 4K with noise
+// (1.18x; 1.53x at 16K). A worker parked between steps (a model call longer than its ~50 us
+// spin) costs a wake-up on top, so the threshold sits above both break-evens: 64K elements
+// deterministic, 16K noised.
 constexpr int64_t kParallelWorkDefault = 1 << 16;
 std::atomic<int64_t> g_parallel_work{kParallelWorkDefault};
 

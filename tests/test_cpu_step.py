@@ -621,6 +621,14 @@ def test_invalid_inputs_are_named(change, exc, match):
         cpu_step(args["x"], args["model_output"], args["table"], args["step"], **kw)
 
 
+def test_no_torch_headers_in_the_cpu_step_sources():
+    from pathlib import Path
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    for name in ("cpu_step.cpp", "cpu_step_kernel.h", "philox.h"):
+        src = (csrc / name).read_text()
+        assert "torch/" not in src and "ATen" not in src and "c10/" not in src, name
+
+
 def test_randn_errors_and_isa_names():
     with pytest.raises(ValueError, match="index_offset must be >= 0"):
         cpu_randn((3,), 1, index_offset=-2)
@@ -629,3 +637,5 @@ def test_randn_errors_and_isa_names():
     with pytest.raises(ValueError, match="is not available here"):
         _C.set_cpu_isa("sse9")
     assert _C.cpu_isa() in _C.cpu_isas() and _C.cpu_isas()[0] == "baseline"
+    # a seed past int64 keys Philox by its low 64 bits, as the int64 seed tensor -1 does
+    assert torch.equal(cpu_randn((9,), 2**64 - 1), cpu_randn((9,), torch.tensor(-1)))

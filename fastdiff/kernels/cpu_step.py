@@ -72,7 +72,7 @@ def cpu_step(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     shape, device = tuple(x.shape), x.device
-    if device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"cpu_step runs on CPU tensors, got x on {device} (vp_step runs CUDA tensors)")
     _check_tensor("x", x, shape, device)
     _check_tensor("model_output", model_output, shape, device)
@@ -156,6 +156,7 @@ def cpu_randn(shape, seed: int, *, step: int = 0, stream: int = 1, index_offset:
     if index_offset < 0:
         raise ValueError(f"index_offset must be >= 0, got {index_offset}")
     seed = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
+    seed = (seed + 2**63) % 2**64 - 2**63  # the key is the seed's low 64 bits, as an int64 tensor holds it
     _C.cpu_randn(tuple(out.shape), _arg(out), seed, index_offset, int(step), int(stream), torch.get_num_threads())
     return out
 
