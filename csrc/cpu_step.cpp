@@ -22,6 +22,7 @@
 #include <optional>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
@@ -154,20 +155,26 @@ namespace baseline {
 // No FMA anywhere (setup.py builds with -ffp-contract=off): every copy rounds every product and
 // sum, so all instruction sets give the same bits as each other and as the fp32 reference.
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 #define FASTDIFF_KERNEL_WORDS philox::philox_words_avx2
+#define FASTDIFF_KERNEL_F16C 1
 namespace avx2 {
 #include "cpu_step_kernel.h"
 }  // namespace avx2
 #undef FASTDIFF_KERNEL_WORDS
+#undef FASTDIFF_KERNEL_F16C
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,prefer-vector-width=512")
 #define FASTDIFF_KERNEL_WORDS philox::philox_words_avx512
+#define FASTDIFF_KERNEL_F16C 1
+#define FASTDIFF_KERNEL_AVX512 1
 namespace avx512 {
 #include "cpu_step_kernel.h"
 }  // namespace avx512
 #undef FASTDIFF_KERNEL_WORDS
+#undef FASTDIFF_KERNEL_F16C
+#undef FASTDIFF_KERNEL_AVX512
 #pragma GCC pop_options
 #endif
 
@@ -188,10 +195,11 @@ const Isa kIsas[] = {
 int best_isa() {
 #ifdef FASTDIFF_X86_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  const bool f16c = __builtin_cpu_supports("f16c");
+  if (f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return 2;
-  if (__builtin_cpu_supports("avx2")) return 1;
+  if (f16c && __builtin_cpu_supports("avx2")) return 1;
 #endif
   return 0;
 }
