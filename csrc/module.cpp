@@ -8,6 +8,7 @@ namespace fastdiff {
 void register_schedules(py::module_& m);
 void register_tables(py::module_& m);
 void register_sigmas(py::module_& m);
+void register_cpu_step(py::module_& m);
 }  // namespace fastdiff
 
 PYBIND11_MODULE(_C, m) {
@@ -20,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   register_schedules(m);
   register_tables(m);
   register_sigmas(m);
+  register_cpu_step(m);
 }

@@ -34,6 +34,14 @@ def report() -> str:
                      "through Triton's interpreter (TRITON_INTERPRET=1)")
     else:
         lines.append("backend: torch reference path (no CUDA device" + ("" if ok else ", no triton") + ")")
+    try:
+        from ._ext import C as _C
+        cpp = hasattr(_C, "cpu_step")
+    except ImportError:
+        cpp = False
+    lines.append("fused C++ CPU step: " + ("available, opt-in: FASTDIFF_BACKEND=cpp or backend='cpp' (tables with a "
+                                           "flow Euler term and sharded noise run the torch reference)"
+                                           if cpp else "unavailable (fastdiff._C has no cpu_step)"))
     lines.append("cuda graphs: " + ("available" if torch.cuda.is_available() else "unavailable (no CUDA device)"))
     return "\n".join(lines)
 

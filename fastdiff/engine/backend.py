@@ -1,6 +1,7 @@
 """Which path runs an op: the fused Triton kernels or the plain-torch reference.
 
-``FASTDIFF_BACKEND=torch|triton`` forces a path for the whole process; an explicit
+``FASTDIFF_BACKEND=torch|triton|cpp`` forces a path for the whole process (cpp: the fused C++
+CPU step, opt-in while it lacks the flow Euler term and shard offsets, which fall back to torch); an explicit
 ``backend=`` argument forces it for one call. Otherwise CUDA tensors take Triton (when it
 imports) and everything else takes torch. Under ``TRITON_INTERPRET=1`` the Triton kernels
 also run on CPU tensors, which is how the test suite exercises them without a GPU.
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +43,14 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
         if choice not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} "
                              "(from the backend= argument or FASTDIFF_BACKEND)")
+        if choice == "cpp":
+            if device.type != "cpu":
+                raise RuntimeError(f"the cpp backend (fastdiff's fused C++ CPU step) runs CPU tensors, got device "
+                                   f"{device}; use backend='triton' on CUDA or leave the backend unset")
+            from .._ext import C
+            if not hasattr(C, "cpu_step"):
+                raise RuntimeError("the cpp backend was asked for but fastdiff._C has no cpu_step: rebuild the "
+                                   "extension from this source tree (pip install -e .)")
         if choice == "triton":
             ok, why = triton_status()
             if not ok:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .kernels import cpu_step as _cpu
 from .kernels import fused_step as _fused
 from .kernels import philox as _philox
 from .backend import resolve
@@ -352,6 +353,20 @@ def step(
 
     chosen = table_obj.backend(device, backend) if table_obj is not None else resolve(backend, device)
     used = table_obj.used if table_obj is not None else None
+    if chosen == "cpp" and (wide or index_run is not None or (
+            "c_m" in used if used is not None else bool(tab[:, _fused.COL["c_m"]].ne(0).any()))):
+        # what the C++ step does not have yet (a raw model-output term, shard offsets, float64):
+        # the reference, on the same inputs
+        chosen = "torch"
+    if chosen == "cpp":
+        if out is None:
+            out = torch.empty_like(x)
+        if return_x0 and x0_out is None:
+            x0_out = torch.empty_like(x)
+        _cpu.launch(x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, thresholds=thresholds,
+                    noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=tuple(history), out=out,
+                    x0_out=x0_out, model_in_out=model_in_out)
+        return (out, x0_out) if return_x0 else out
     if wide or chosen == "torch":
         x_s, x0, model_in = _fused.reference(
             x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, used=used, thresholds=thresholds,

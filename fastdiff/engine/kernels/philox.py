@@ -308,7 +308,11 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     index_run = check_index_run(index_run, n)
     if n == 0:
         return out
-    if resolve(backend, device) == "torch" or dtype == torch.float64:
+    chosen = resolve(backend, device)
+    if chosen == "cpp" and index_run is None and dtype != torch.float64:
+        from .cpu_step import cpu_randn  # the C++ Philox: the same words, in one pass
+        return cpu_randn(shape, seed_t, step=step, stream=stream, index_offset=index_offset, out=out)
+    if chosen != "triton" or dtype == torch.float64:
         if index_run is not None:
             z = normals_run(seed_t.reshape(()), index_offset, n, index_run, step, stream, device)
         else:
