@@ -46,11 +46,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         f"({type(exc).__name__}: {exc})") from exc
 
 from ..engine.checks import check_int
+from ..engine.predictions import VP_PREDICTIONS
 from ..engine.shard import Shard
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
 
-_PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 # Tables kept per scheduler (one per step count / eta / timestep list; each keeps up to 4 device
 # copies of 76 KB in float32).
@@ -345,7 +345,7 @@ class _VPStepMixin(_FastStepMixin):
 
     def _options(self, recompute_eps: bool, var_mode: str) -> StepOptions:
         cfg = self.config
-        if cfg.prediction_type not in _PREDICTIONS:
+        if cfg.prediction_type not in VP_PREDICTIONS:
             raise ValueError(f"prediction_type given as {cfg.prediction_type} must be one of `epsilon`, "
                              "`sample`, or `v_prediction`")
         key = (cfg.prediction_type, cfg.clip_sample, cfg.clip_sample_range, cfg.thresholding,

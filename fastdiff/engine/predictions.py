@@ -18,6 +18,9 @@ import torch
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
 PREDICTION_CODES = {name: i for i, name in enumerate(PREDICTIONS)}
+# What each path can read: v assumes a^2 + b^2 = 1, a velocity a + b = 1.
+VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTIONS = ("flow_prediction", "epsilon", "sample")
 
 
 def check_prediction(prediction_type, name: str = "prediction_type") -> str:

@@ -75,15 +75,9 @@ class Schedule:
     @classmethod
     def coerce(cls, schedule) -> "Schedule":
         """A Schedule from a Schedule, a schedule name, a dict of keyword arguments, or None (linear)."""
-        if schedule is None:
-            return cls()
-        if isinstance(schedule, Schedule):
-            return schedule
         if isinstance(schedule, str):
             return cls(beta_schedule=schedule)
-        if isinstance(schedule, dict):
-            return cls(**schedule)
-        raise TypeError(f"schedule must be a Schedule, a schedule name or a dict, got {type(schedule).__name__}")
+        return _coerce(cls, schedule, "a Schedule, a schedule name or a dict")
 
     def timesteps(self, steps: Optional[int] = None, spacing: str = "leading", steps_offset: int = 0,
                   timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -146,13 +140,7 @@ class FlowSchedule:
     @classmethod
     def coerce(cls, schedule) -> "FlowSchedule":
         """A FlowSchedule from a FlowSchedule, a dict of keyword arguments, or None (defaults)."""
-        if schedule is None:
-            return cls()
-        if isinstance(schedule, FlowSchedule):
-            return schedule
-        if isinstance(schedule, dict):
-            return cls(**schedule)
-        raise TypeError(f"a flow schedule must be a FlowSchedule or a dict, got {type(schedule).__name__}")
+        return _coerce(cls, schedule, "a FlowSchedule or a dict", what="a flow schedule")
 
     def mu(self, image_seq_len: int) -> float:
         """mu for an image of ``image_seq_len`` latent tokens (the pipelines' calculate_shift)."""
@@ -185,3 +173,14 @@ class FlowSchedule:
     def __repr__(self) -> str:
         return (f"FlowSchedule(num_train_timesteps={self.num_train_timesteps}, shift={self.shift}, "
                 f"dynamic={self.use_dynamic_shifting})")
+
+
+def _coerce(cls, schedule, accepted: str, what: str = "schedule"):
+    """``schedule`` as a ``cls``: itself, ``cls(**dict)``, or ``cls()`` for None."""
+    if schedule is None:
+        return cls()
+    if isinstance(schedule, cls):
+        return schedule
+    if isinstance(schedule, dict):
+        return cls(**schedule)
+    raise TypeError(f"{what} must be {accepted}, got {type(schedule).__name__}")

@@ -9,19 +9,19 @@ t = sigma * num_train_timesteps in float32 [batch], diffusers' timesteps.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .._ext import C
+from ..engine.predictions import FLOW_PREDICTIONS
 from ..engine.schedule import FlowSchedule
 from .base import Sampler
 from .ocm import _OCMHead
 from .registry import register_sampler
 from .vp import check_eta
 
-FLOW_PREDICTIONS = ("flow_prediction", "epsilon", "sample")
 
 
 class FlowSampler(Sampler):
@@ -109,11 +109,6 @@ class OCMFlowSampler(_OCMHead, FlowSampler):
     mean."""
 
     name = "ocm-flow"
-
-    def __init__(self, schedule=None, steps: Optional[int] = 28, *, head: Optional[Callable] = None,
-                 cov_max: Optional[float] = 1.0, clip_pixels: Optional[float] = None, **kw):
-        super().__init__(schedule, steps, **kw)
-        self._ocm_init(head, cov_max, clip_pixels)
 
     def _host_table(self) -> np.ndarray:
         return C.flow_table(self.sigmas, self.timesteps, "ddim", self.eta, ocm=True,

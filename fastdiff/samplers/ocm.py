@@ -49,6 +49,11 @@ class _OCMHead(Sampler):
 
     var_mode = "ocm"
 
+    def __init__(self, schedule=None, *args, head: Optional[Callable] = None, cov_max: Optional[float] = 1.0,
+                 clip_pixels: Optional[float] = None, **kw):
+        super().__init__(schedule, *args, **kw)  # the base sampler's own steps default
+        self._ocm_init(head, cov_max, clip_pixels)
+
     def _ocm_init(self, head, cov_max, clip_pixels):
         if head is not None and not callable(head):
             raise TypeError(f"head must be a callable (x_t, t) -> h or None, got {type(head).__name__}")
@@ -117,11 +122,6 @@ class OCMDDIMSampler(_OCMHead, DDIMSampler):
     non-zero even at eta = 0. Arguments as OCMDDPMSampler, plus DDIMSampler's (eta, ...)."""
 
     name = "ocm-ddim"
-
-    def __init__(self, schedule=None, steps: Optional[int] = 50, *, head: Optional[Callable] = None,
-                 cov_max: Optional[float] = 1.0, clip_pixels: Optional[float] = None, **kw):
-        super().__init__(schedule, steps, **kw)
-        self._ocm_init(head, cov_max, clip_pixels)
 
     def _host_table(self) -> np.ndarray:
         return C.ddim_table(self.schedule.alphas_cumprod.numpy(), self.timesteps, self.prev_timesteps,

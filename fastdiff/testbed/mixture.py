@@ -48,11 +48,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..engine.predictions import PREDICTIONS, check_prediction, model_output
+from ..engine.predictions import FLOW_PREDICTIONS, PREDICTIONS, check_prediction, model_output
 from ..engine.schedule import FlowSchedule, Schedule
 
 # What a flow-path model may predict (v_prediction assumes a^2 + b^2 = 1, the VP path).
-FLOW_PREDICTIONS = ("flow_prediction", "epsilon", "sample")
 
 __all__ = ["FlowMixtureModel", "GaussianMixture", "MixtureModel"]
 

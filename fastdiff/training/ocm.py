@@ -23,14 +23,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..engine.predictions import PREDICTIONS, x0_eps
+from ..engine.predictions import FLOW_PREDICTIONS, PREDICTIONS, VP_PREDICTIONS, x0_eps
 from ..engine.schedule import FlowSchedule, Schedule
 from .trainer import Trainer
 
 # What a model may predict on each path: v_prediction assumes a^2 + b^2 = 1 (VP), flow_prediction
 # a + b = 1 (rectified flow); read on the other path either gives a wrong score without an error.
-VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-FLOW_PREDICTIONS = ("flow_prediction", "epsilon", "sample")
 
 
 def _path_schedule(schedule):
