@@ -10,7 +10,7 @@ ext_modules = [
     Pybind11Extension(
         "fastdiff._C",
         ["csrc/module.cpp", "csrc/schedules.cpp", "csrc/tables.cpp", "csrc/sigmas.cpp", "csrc/cpu_step.cpp"],
-        depends=["csrc/columns.h", "csrc/common.h", "csrc/philox.h", "csrc/cpu_step_kernel.h"],
+        depends=["csrc/columns.h", "csrc/common.h", "csrc/philox.h", "csrc/cpu_step_kernel.h", "csrc/cpu_step_types.h"],
         cxx_std=17,
         # -O3 vectorises the CPU step's loops; -ffp-contract=off keeps every product and sum rounded
         # (no FMA), so the baseline, AVX2 and AVX-512 copies of those loops give the same bits;

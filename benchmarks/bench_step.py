@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import fastdiff
+from fastdiff.engine.kernels import philox
 from fastdiff.engine.step import step as vp_step
 
 SIZES = [
@@ -200,7 +201,7 @@ def run(sizes, dtypes, device, with_diffusers=True, min_time=0.2, out=sys.stdout
                             pc_x0 * ((x - ps_t * m) / pa_t) + pc_xt * x, p_std * torch.randn_like(x), out=out_t),
                          step_bytes),
                         ("torch.randn", lambda: torch.randn(shape, dtype=dt, out=out_t), n * esz),
-                        ("cpp randn (philox)", lambda: cpp.cpu_randn(shape, 0, out=out_t), n * esz),
+                        ("cpp randn (philox)", lambda: philox.cpu_randn(shape, 0, out=out_t), n * esz),
                     ]
                     if psched is not None:
                         cases.append(("diffusers DDPM step", lambda: psched.step(m, pt_diff, x, generator=ddpm_gen),

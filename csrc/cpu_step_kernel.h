@@ -11,6 +11,8 @@
 // simple loops over those buffers, and the results are rounded once into the outputs. Every input
 // element is read once from memory and every output element written once (DESIGN.md Invariant 4).
 
+#include "cpu_step_types.h"  // included once already, before the first copy: a no-op here
+
 // --- loads and stores: logical elements [lo, lo + len) of a view <-> float32 ---------------------
 
 // Dense float16 <-> float32 with the F16C instructions where this copy has them (the branch-free

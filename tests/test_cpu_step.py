@@ -17,7 +17,7 @@ import torch
 import fastdiff
 from fastdiff import _C
 from fastdiff.engine.kernels import philox
-from fastdiff.engine.kernels.cpu_step import cpu_randn
+from fastdiff.engine.kernels.philox import cpu_randn
 from fastdiff.engine.kernels.fused_step import COL, NCOL
 from fastdiff.engine.schedule import Schedule, next_timesteps
 from fastdiff.engine.step import step as vp_step

@@ -24,17 +24,12 @@ import torch
 
 from ... import _ext
 from .fused_step import NCOL, VAR_MODES
+from .philox import DTYPE_CODES, tensor_arg
 
 _C = _ext.C
 PREDICTIONS = dict(_C.CPU_PREDICTIONS)  # epsilon, v_prediction, sample, flow -> the C++ codes
 _VAR_CODES = dict(_C.CPU_VAR_MODES)
-_DTYPE_CODES = {getattr(torch, name): code for name, code in _C.CPU_DTYPES.items()}
 assert set(_VAR_CODES) == set(VAR_MODES), "csrc/cpu_step.cpp and fused_step.py disagree on the variance modes"
-
-
-def _arg(t: Optional[torch.Tensor]):
-    """(data pointer, dtype code, strides) as the C++ side takes a tensor; None stays None."""
-    return None if t is None else (t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride())
 
 
 def launch(x, model_output, table, step, options, *, thresholds=None, noise=None, seed=None, index_offset=0,
@@ -47,32 +42,14 @@ def launch(x, model_output, table, step, options, *, thresholds=None, noise=None
         thresholds = thresholds.float()
     pred = "flow" if options.prediction_type == "flow_prediction" else options.prediction_type
     _C.cpu_step(
-        tuple(x.shape), _arg(x), _arg(model_output), _arg(aux if options.var_mode != "table" else None),
-        _arg(noise), _arg(h0), _arg(h1), _arg(out), _arg(x0_out), _arg(model_in_out),
-        table.data_ptr(), _DTYPE_CODES[table.dtype], table.shape[0], table.shape[1], *table.stride(),
-        step.data_ptr(), _DTYPE_CODES[step.dtype], PREDICTIONS[pred], options.clip_range,
+        tuple(x.shape), tensor_arg(x), tensor_arg(model_output), tensor_arg(aux if options.var_mode != "table" else None),
+        tensor_arg(noise), tensor_arg(h0), tensor_arg(h1), tensor_arg(out), tensor_arg(x0_out), tensor_arg(model_in_out),
+        table.data_ptr(), DTYPE_CODES[table.dtype], table.shape[0], table.shape[1], *table.stride(),
+        step.data_ptr(), DTYPE_CODES[step.dtype], PREDICTIONS[pred], options.clip_range,
         0 if thresholds is None else thresholds.data_ptr(), 1 if thresholds is None else thresholds.stride(0),
         bool(options.recompute_eps), 0 if seed is None else seed.data_ptr(),
-        _DTYPE_CODES[seed.dtype] if seed is not None else 0, int(index_offset),
+        DTYPE_CODES[seed.dtype] if seed is not None else 0, int(index_offset),
         _VAR_CODES[options.var_mode], float(options.cov_max), torch.get_num_threads())
-    return out
-
-
-def cpu_randn(shape, seed: int, *, step: int = 0, stream: int = 1, index_offset: int = 0,
-              dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``philox.randn`` on the CPU in C++: element i (row-major) is the normal of global index
-    ``index_offset + i`` (same 32-bit words as the Triton kernel and the torch implementation)."""
-    if out is None:
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"cpu_randn: dtype must be float32, float16 or bfloat16, got {dtype}")
-        out = torch.empty(tuple(int(s) for s in shape), dtype=dtype)
-    elif out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"cpu_randn: out must be a float32/float16/bfloat16 CPU tensor, got {out.dtype} on {out.device}")
-    if index_offset < 0:
-        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
-    seed = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
-    seed = (seed + 2**63) % 2**64 - 2**63  # the key is the seed's low 64 bits, as an int64 tensor holds it
-    _C.cpu_randn(tuple(out.shape), _arg(out), seed, index_offset, int(step), int(stream), torch.get_num_threads())
     return out
 
 

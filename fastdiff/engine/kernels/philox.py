@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ... import _ext
 from ..backend import resolve
 from ..checks import check_int
 
@@ -310,7 +311,6 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
         return out
     chosen = resolve(backend, device)
     if chosen == "cpp" and index_run is None and dtype != torch.float64:
-        from .cpu_step import cpu_randn  # the C++ Philox: the same words, in one pass
         return cpu_randn(shape, seed_t, step=step, stream=stream, index_offset=index_offset, out=out)
     if chosen != "triton" or dtype == torch.float64:
         if index_run is not None:
@@ -337,3 +337,32 @@ def _block_for(n: int) -> int:
         # Each interpreted program costs ~10 ms whatever its size: use few, large ones.
         return max(64, min(1 << 16, 1 << (n - 1).bit_length()))
     return 2048
+
+
+# -- the C++ generator (fastdiff._C, csrc/philox.h): the same words, one pass, threads --------------
+
+DTYPE_CODES = {getattr(torch, name): code for name, code in _ext.C.CPU_DTYPES.items()} \
+    if hasattr(_ext.C, "CPU_DTYPES") else {}
+
+
+def tensor_arg(t: Optional[torch.Tensor]):
+    """(data pointer, dtype code, strides) as the C++ side takes a tensor; None stays None."""
+    return None if t is None else (t.data_ptr(), DTYPE_CODES[t.dtype], t.stride())
+
+
+def cpu_randn(shape, seed: int, *, step: int = 0, stream: int = 1, index_offset: int = 0,
+              dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``philox.randn`` on the CPU in C++: element i (row-major) is the normal of global index
+    ``index_offset + i`` (same 32-bit words as the Triton kernel and the torch implementation)."""
+    if out is None:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"cpu_randn: dtype must be float32, float16 or bfloat16, got {dtype}")
+        out = torch.empty(tuple(int(s) for s in shape), dtype=dtype)
+    elif out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"cpu_randn: out must be a float32/float16/bfloat16 CPU tensor, got {out.dtype} on {out.device}")
+    if index_offset < 0:
+        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
+    seed = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
+    seed = (seed + 2**63) % 2**64 - 2**63  # the key is the seed's low 64 bits, as an int64 tensor holds it
+    _ext.C.cpu_randn(tuple(out.shape), tensor_arg(out), seed, index_offset, int(step), int(stream), torch.get_num_threads())
+    return out
