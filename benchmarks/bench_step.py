@@ -6,7 +6,7 @@ torch ops vs diffusers' DDIMScheduler.step / DDPMScheduler.step, against a measu
     python benchmarks/bench_step.py --max-elements 4194304 --dtypes fp16
     python benchmarks/bench_step.py --threads 1,2 --loop   # CPU: thread counts; + whole 50-step loops
 
-Bytes a step must move (its floor, DESIGN.md Invariant 4): read x_t and the model output, write
+Bytes a step must move (its floor, invariant 4 of docs/design.md): read x_t and the model output, write
 x_s; in-kernel noise adds no traffic. GB/s counts those bytes; "% copy" divides by the bandwidth
 of `dst.copy_(src)` on the same device, dtype and thread count (bytes read + written), measured in
 the same run. On the GPU times are medians through triton.testing.do_bench. On the CPU the cases
@@ -14,8 +14,8 @@ of one (size, dtype, threads) run side by side, interleaved, for several rounds,
 best round (the mean of a batch of calls): on a shared machine the best round is the one least
 disturbed by other work, and interleaving exposes every case to the same disturbances.
 
-Rows on the CPU: "fastdiff fused" is vp_step on its resolved backend (the plain-torch reference
-on the CPU); "cpp" is the C++ step fastdiff.kernels.cpu_step.cpu_step (csrc/cpu_step.cpp).
+Rows on the CPU: "fastdiff fused" is fastdiff.step on its resolved backend (the plain-torch reference
+on the CPU); "cpp" is the C++ step fastdiff.step(..., backend="cpp") (csrc/cpu_step.cpp).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-// fastdiff._C.cpu_step: the fused step of fastdiff/kernels/vp_step.py on the CPU, one pass over
+// fastdiff._C.cpu_step: the fused step of fastdiff/engine/kernels/fused_step.py on the CPU, one pass over
 // memory, with the Philox noise of philox.h drawn in the loop. No PyTorch headers: Python hands
 // over data pointers, dtype codes, sizes and strides (in elements) as integers
-// (fastdiff/kernels/cpu_step.py), and this file trusts them; everything else it checks.
+// (fastdiff/engine/kernels/cpu_step.py), and this file trusts them; everything else it checks.
 //
 //   x0_hat, eps_hat = predict(x_t, model_output)        epsilon / v_prediction / sample / flow
 //   x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b
@@ -564,7 +564,7 @@ void register_cpu_step(py::module_& m) {
         py::arg("prediction"), py::arg("clip_range"), py::arg("thresholds"), py::arg("thresholds_stride"),
         py::arg("recompute_eps"), py::arg("seed"), py::arg("seed_dtype"), py::arg("index_offset"),
         py::arg("var_mode"), py::arg("cov_max"), py::arg("num_threads"),
-        "The fused step on raw CPU buffers (use fastdiff.kernels.cpu_step.cpu_step). Tensors are "
+        "The fused step on raw CPU buffers (use fastdiff.step with backend="cpp"). Tensors are "
         "(data_ptr, dtype code, strides) tuples sharing `shape`; pointers are trusted.");
   m.def("cpu_randn", &cpu_randn, py::arg("shape"), py::arg("out"), py::arg("seed"), py::arg("index_offset"),
         py::arg("step"), py::arg("stream"), py::arg("num_threads"),

@@ -9,7 +9,7 @@
 // A chunk of kChunk logical elements is processed at a time: each input is converted to float32
 // in an L1-resident buffer (or read in place when it is dense float32), the update runs as a few
 // simple loops over those buffers, and the results are rounded once into the outputs. Every input
-// element is read once from memory and every output element written once (DESIGN.md Invariant 4).
+// element is read once from memory and every output element written once (invariant 4 of docs/design.md).
 
 #include "cpu_step_types.h"  // included once already, before the first copy: a no-op here
 

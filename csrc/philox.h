@@ -1,5 +1,5 @@
 // Counter-based Gaussian noise for the CPU step: Philox-4x32-10 (Salmon et al., "Parallel random
-// numbers: as easy as 1, 2, 3", SC 2011) and the Box-Muller transform of fastdiff/kernels/philox.py.
+// numbers: as easy as 1, 2, 3", SC 2011) and the Box-Muller transform of fastdiff/engine/kernels/philox.py.
 //
 // Element g of the noise at step k is word g % 4 of philox(key = seed, counter = (g / 4 low,
 // g / 4 high, k, stream)), so it depends on (seed, global index, step, stream) only: the same

@@ -62,7 +62,7 @@ def rel_err(got, ref):
 
 
 def alpha_step(x, m, i, *, kind, eta=0.0, pred="epsilon", var="fixed_small", z=None, h=None, cov_max=1.0):
-    """Float64 x_t -> x_s from alpha_bar alone (DESIGN.md), not from any table."""
+    """Float64 x_t -> x_s from alpha_bar alone (docs/design.md), not from any table."""
     x, m = x.double(), m.double()
     t, s = int(TS[i]), int(PREV[i])
     a_t, a_s = float(AB[t]), (float(AB[s]) if s >= 0 else 1.0)
