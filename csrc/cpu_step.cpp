@@ -564,7 +564,7 @@ void register_cpu_step(py::module_& m) {
         py::arg("prediction"), py::arg("clip_range"), py::arg("thresholds"), py::arg("thresholds_stride"),
         py::arg("recompute_eps"), py::arg("seed"), py::arg("seed_dtype"), py::arg("index_offset"),
         py::arg("var_mode"), py::arg("cov_max"), py::arg("num_threads"),
-        "The fused step on raw CPU buffers (use fastdiff.step with backend="cpp"). Tensors are "
+        "The fused step on raw CPU buffers (use fastdiff.step with backend='cpp'). Tensors are "
         "(data_ptr, dtype code, strides) tuples sharing `shape`; pointers are trusted.");
   m.def("cpu_randn", &cpu_randn, py::arg("shape"), py::arg("out"), py::arg("seed"), py::arg("index_offset"),
         py::arg("step"), py::arg("stream"), py::arg("num_threads"),
