@@ -5,7 +5,7 @@
 //
 //   x0_hat, eps_hat = predict(x_t, model_output)        epsilon / v_prediction / sample / flow
 //   x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b
-//   x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t (+ c_h0 h0) (+ c_h1 h1) + std_ z
+//   x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t (+ c_m m) (+ c_h0 h0) (+ c_h1 h1) + std_ z
 //   out = x_s;  x0_out = x0_hat;  model_in_out = c_in x_s
 //
 // in float32 whatever the input dtypes (float32, float16, bfloat16, mixed), each output rounded
@@ -412,6 +412,7 @@ Coef read_row(uintptr_t table, int dtype, int64_t rows, int64_t cols, int64_t ro
   k.c_x0 = r[C_X0];
   k.c_eps = r[C_EPS];
   k.c_xt = r[C_XT];
+  k.c_m = r[C_M];
   k.c_h0 = r[C_H0];
   k.c_h1 = r[C_H1];
   k.std = r[STD];

@@ -300,6 +300,10 @@ inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s)
   } else {
     predict_clip_combine(p, lo, len, X, M, s);
   }
+  if (c.c_m != 0.0f) {  // the raw model-output term (flow Euler: x_t + (sigma_s - sigma_t) u), product then sum
+    const float cm = c.c_m;
+    for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + cm * M[i];
+  }
   if (p.h0) {
     const float* __restrict H = load(p.h0, lo, len, s.h0);
     const float ch = c.c_h0;

@@ -87,7 +87,7 @@ struct View {  // a tensor's logical elements, dims coalesced (row-major order k
 };
 
 struct Coef {  // one table row, in float32 (the kernel's precision)
-  float a_t, b_t, c_x0, c_eps, c_xt, c_h0, c_h1, std, c_cov, cov_scale, log_var_min, log_var_max, var_max, noise,
+  float a_t, b_t, c_x0, c_eps, c_xt, c_m, c_h0, c_h1, std, c_cov, cov_scale, log_var_min, log_var_max, var_max, noise,
       c_in;
 };
 

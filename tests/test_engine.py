@@ -80,7 +80,7 @@ def test_general_row_with_history_and_next_input(dtype, pred, n_hist):
     hist = [h0, h1][:n_hist]
     idx = torch.tensor([2])
     want, want_x0, want_in = f64_general(x, m, *(hist + [None, None])[:2], z, table[2], pred)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "cpp"):
         out, x0_out, mi = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
         got = step(x, m, table.float(), idx, prediction_type=pred, noise=z, history=hist, out=out, x0_out=x0_out,
                    model_in_out=mi, backend=backend)
@@ -98,14 +98,14 @@ def test_history_and_next_input_strided_and_in_place():
     m, h0 = torch.randn(4, 5, 6, generator=gen), torch.randn(6, 5, 4, generator=gen).permute(2, 1, 0)
     want, _, want_in = f64_general(x, m, h0, None, None, table[1], "v_prediction")
     mi = torch.empty(4, 6, 5).transpose(1, 2)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "cpp"):
         xb = x.clone()
         step(xb, m, table.float(), torch.tensor([1]), prediction_type="v_prediction", history=[h0], out=xb,
              model_in_out=mi, backend=backend)
         assert rel_err(xb, want) < 2e-5 and rel_err(mi, want_in) < 2e-5, backend
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"])
 def test_out_of_range_row_reads_the_nearest_row(backend):
     gen = torch.Generator().manual_seed(5)
     table = random_table(3, gen).float()

@@ -353,10 +353,8 @@ def step(
 
     chosen = table_obj.backend(device, backend) if table_obj is not None else resolve(backend, device)
     used = table_obj.used if table_obj is not None else None
-    if chosen == "cpp" and (wide or index_run is not None or (
-            "c_m" in used if used is not None else bool(tab[:, _fused.COL["c_m"]].ne(0).any()))):
-        # what the C++ step does not have yet (a raw model-output term, shard offsets, float64):
-        # the reference, on the same inputs
+    if chosen == "cpp" and (wide or index_run is not None):
+        # what the C++ step does not have yet (shard offsets, float64): the reference, same inputs
         chosen = "torch"
     if chosen == "cpp":
         if out is None:
