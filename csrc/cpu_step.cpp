@@ -443,7 +443,7 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
               int64_t table_col_stride, uintptr_t step, int step_dtype, int prediction,
               std::optional<double> clip_range, uintptr_t thresholds, int64_t thresholds_stride,
               bool recompute_eps, uintptr_t seed, int seed_dtype, int64_t index_offset, int var_mode,
-              double cov_max, int num_threads) {
+              double cov_max, int num_threads, int64_t run_len, int64_t run_stride) {
   StepParams p;
   p.n = numel(shape);
   if (p.n == 0) return;
@@ -467,6 +467,11 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
   p.thresholds = reinterpret_cast<const float*>(thresholds);
   p.thresholds_stride = thresholds_stride;
   p.index_offset = index_offset;
+  if (run_len < 0 || run_stride < 0 || (run_len > 0 && run_stride < run_len))
+    value_error("a shard's runs need run_len >= 0 and run_stride >= run_len, got " + std::to_string(run_len) + " and " +
+                std::to_string(run_stride));
+  p.run_len = run_len;
+  p.run_stride = run_stride;
   if (noise) p.noise_mode = kNoiseTensor;
   if (seed != 0) {
     p.noise_mode = kNoisePhilox;
@@ -511,7 +516,7 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
 }
 
 void cpu_randn(const std::vector<int64_t>& shape, const TensorArg& out, int64_t seed, int64_t index_offset,
-               int64_t step, int64_t stream, int num_threads) {
+               int64_t step, int64_t stream, int num_threads, int64_t run_len, int64_t run_stride) {
   RandnParams p;
   const int64_t n = numel(shape);
   if (n == 0) return;
@@ -519,6 +524,11 @@ void cpu_randn(const std::vector<int64_t>& shape, const TensorArg& out, int64_t 
   p.out = make_view("out", out, shape);
   check_no_internal_overlap("out", p.out);
   p.index_offset = index_offset;
+  if (run_len < 0 || run_stride < 0 || (run_len > 0 && run_stride < run_len))
+    value_error("a shard's runs need run_len >= 0 and run_stride >= run_len, got " + std::to_string(run_len) + " and " +
+                std::to_string(run_stride));
+  p.run_len = run_len;
+  p.run_stride = run_stride;
   p.keys = philox::Keys(static_cast<uint64_t>(seed));
   p.step_counter = static_cast<uint32_t>(static_cast<uint64_t>(step));
   p.stream = static_cast<uint32_t>(static_cast<uint64_t>(stream));
@@ -564,12 +574,14 @@ void register_cpu_step(py::module_& m) {
         py::arg("table_row_stride"), py::arg("table_col_stride"), py::arg("step"), py::arg("step_dtype"),
         py::arg("prediction"), py::arg("clip_range"), py::arg("thresholds"), py::arg("thresholds_stride"),
         py::arg("recompute_eps"), py::arg("seed"), py::arg("seed_dtype"), py::arg("index_offset"),
-        py::arg("var_mode"), py::arg("cov_max"), py::arg("num_threads"),
+        py::arg("var_mode"), py::arg("cov_max"), py::arg("num_threads"), py::arg("run_len") = 0,
+        py::arg("run_stride") = 0,
         "The fused step on raw CPU buffers (use fastdiff.step with backend='cpp'). Tensors are "
         "(data_ptr, dtype code, strides) tuples sharing `shape`; pointers are trusted.");
   m.def("cpu_randn", &cpu_randn, py::arg("shape"), py::arg("out"), py::arg("seed"), py::arg("index_offset"),
-        py::arg("step"), py::arg("stream"), py::arg("num_threads"),
-        "Fill `out` with philox.py's normals for global indices index_offset + i (row-major i).");
+        py::arg("step"), py::arg("stream"), py::arg("num_threads"), py::arg("run_len") = 0, py::arg("run_stride") = 0,
+        "Fill `out` with philox.py's normals for global indices index_offset + i (row-major i), or of a "
+        "shard's runs (run_len elements, run_stride apart).");
   m.def("_cpu_box_muller", [](uintptr_t words, int64_t groups, uintptr_t out) {
     // Test hook: normals of given Philox words (words[4 g + l]: lane l of group g), so that tests
     // can check the transform on every one of the 2^23 uniforms. Pointers are trusted.

@@ -155,23 +155,38 @@ inline void store(const View& v, int64_t lo, int64_t len, const float* buf) {
 
 // --- noise -----------------------------------------------------------------------------------------
 
-// Normals for the global indices g .. g + len - 1 (g >= 0), into s.z; returns the pointer to g's.
-inline const float* philox_chunk(const StepParams& p, int64_t g, int64_t len, Scratch& s) {
+// Normals for the global indices g .. g + len - 1 (len <= kChunk) with the given keys and counters.
+inline const float* normals_at(const philox::Keys& keys, uint32_t step_counter, uint32_t stream, int64_t g,
+                               int64_t len, Scratch& s) {
   const uint64_t q0 = static_cast<uint64_t>(g) >> 2;
   const uint64_t q1 = static_cast<uint64_t>(g + len - 1) >> 2;
-  philox::normals_groups(FASTDIFF_KERNEL_WORDS, p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words, s.z);
+  philox::normals_groups(FASTDIFF_KERNEL_WORDS, keys, q0, static_cast<int64_t>(q1 - q0 + 1), step_counter, stream,
+                         s.words, s.z);
   return s.z + (g & 3);
+}
+
+// Normals for the logical elements lo .. lo + len - 1 of a tensor whose element l has global index
+// base + (l / run_len) * run_stride + l % run_len (a shard): one draw per run segment, gathered
+// into s.zr. run_len 0: the contiguous range base + lo .. (no copy).
+inline const float* normals_logical(const philox::Keys& keys, uint32_t step_counter, uint32_t stream, int64_t base,
+                                    int64_t run_len, int64_t run_stride, int64_t lo, int64_t len, Scratch& s) {
+  if (run_len == 0) return normals_at(keys, step_counter, stream, base + lo, len, s);
+  for (int64_t k = 0; k < len;) {
+    const int64_t l = lo + k, off = l % run_len;
+    const int64_t seg = std::min(run_len - off, len - k);
+    const float* z = normals_at(keys, step_counter, stream, base + (l / run_len) * run_stride + off, seg, s);
+    std::memcpy(s.zr + k, z, static_cast<size_t>(seg) * sizeof(float));
+    k += seg;
+  }
+  return s.zr;
 }
 
 void randn_range(const RandnParams& p, int64_t lo, int64_t hi) {
   Scratch& s = scratch();
   for (int64_t c = lo; c < hi; c += kChunk) {
     const int64_t len = std::min(kChunk, hi - c);
-    const uint64_t g = static_cast<uint64_t>(p.index_offset + c);
-    const uint64_t q0 = g >> 2, q1 = (g + len - 1) >> 2;
-    philox::normals_groups(FASTDIFF_KERNEL_WORDS, p.keys, q0, static_cast<int64_t>(q1 - q0 + 1), p.step_counter, p.stream, s.words,
-                           s.z);
-    store(p.out, c, len, s.z + (g & 3));
+    store(p.out, c, len,
+          normals_logical(p.keys, p.step_counter, p.stream, p.index_offset, p.run_len, p.run_stride, c, len, s));
   }
 }
 
@@ -317,7 +332,9 @@ inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s)
 
   if (p.noise_mode != kNoiseNone) {
     const float* __restrict Z =
-        p.noise_mode == kNoiseTensor ? load(p.z, lo, len, s.z) : philox_chunk(p, p.index_offset + lo, len, s);
+        p.noise_mode == kNoiseTensor
+            ? load(p.z, lo, len, s.z)
+            : normals_logical(p.keys, p.step_counter, p.stream, p.index_offset, p.run_len, p.run_stride, lo, len, s);
     if (p.var_mode == kVarTable) {
       const float sd = c.std;
       for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + sd * Z[i];

@@ -93,6 +93,9 @@ struct Coef {  // one table row, in float32 (the kernel's precision)
 
 struct StepParams {
   int64_t n = 0, per_sample = 1, index_offset = 0;
+  // A shard of a larger tensor: logical element l has global index
+  // index_offset + (l / run_len) * run_stride + l % run_len (run_len 0: index_offset + l).
+  int64_t run_len = 0, run_stride = 0;
   View x, m, aux, z, h0, h1, out, x0, model_in;
   Coef coef{};
   int prediction = kEpsilon, var_mode = kVarTable, noise_mode = kNoiseNone;
@@ -106,7 +109,7 @@ struct StepParams {
 
 struct RandnParams {
   View out;
-  int64_t index_offset = 0;
+  int64_t index_offset = 0, run_len = 0, run_stride = 0;  // as StepParams
   philox::Keys keys{0};
   uint32_t step_counter = 0, stream = philox::kStreamInit;
 };
@@ -114,6 +117,7 @@ struct RandnParams {
 struct alignas(64) Scratch {
   float x[kChunk], m[kChunk], aux[kChunk], h0[kChunk], h1[kChunk], x0[kChunk], eps[kChunk], xs[kChunk];
   float z[kChunk + 8];
+  float zr[kChunk];  // a shard's normals, gathered from its runs
   uint32_t words[kChunk + 8];
 };
 

@@ -28,19 +28,19 @@ def report() -> str:
     if forced:
         lines.append(f"backend: forced to {forced!r} by FASTDIFF_BACKEND")
     elif torch.cuda.is_available() and ok:
-        lines.append("backend: triton kernels for CUDA tensors, torch reference for CPU tensors")
+        lines.append("backend: triton kernels for CUDA tensors, the C++ step for CPU tensors")
     elif interpreting() and ok:
-        lines.append("backend: torch for CPU tensors by default; backend='triton' runs the kernels "
+        lines.append("backend: the C++ step for CPU tensors by default; backend='triton' runs the kernels "
                      "through Triton's interpreter (TRITON_INTERPRET=1)")
     else:
-        lines.append("backend: torch reference path (no CUDA device" + ("" if ok else ", no triton") + ")")
+        lines.append("backend: the C++ step for CPU tensors (no CUDA device" + ("" if ok else ", no triton") + ")")
     try:
         from ._ext import C as _C
         cpp = hasattr(_C, "cpu_step")
     except ImportError:
         cpp = False
-    lines.append("fused C++ CPU step: " + ("available, opt-in: FASTDIFF_BACKEND=cpp or backend='cpp' (tables with a "
-                                           "flow Euler term and sharded noise run the torch reference)"
+    lines.append("fused C++ CPU step: " + (f"available, the default for CPU tensors (loops: {_C.cpu_isa()}; "
+                                           "FASTDIFF_BACKEND=torch runs the plain-torch reference)"
                                            if cpp else "unavailable (fastdiff._C has no cpu_step)"))
     lines.append("cuda graphs: " + ("available" if torch.cuda.is_available() else "unavailable (no CUDA device)"))
     return "\n".join(lines)

@@ -352,7 +352,11 @@ def test_triton_backend_without_interpreter_on_cpu_is_explained(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
         backend.resolve("triton", torch.device("cpu"))
-    assert backend.resolve(None, torch.device("cpu")) == "torch"
+    # the default for CPU tensors: the fused C++ step (the reference for other devices)
+    assert backend.resolve(None, torch.device("cpu")) == "cpp"
+    assert backend.resolve(None, torch.device("meta")) == "torch"
+    with pytest.raises(RuntimeError, match="cpp backend .* runs CPU tensors"):
+        backend.resolve("cpp", torch.device("meta"))
 
 
 @pytest.mark.gpu

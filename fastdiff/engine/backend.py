@@ -1,9 +1,10 @@
-"""Which path runs an op: the fused Triton kernels or the plain-torch reference.
+"""Which path runs an op: the fused Triton kernel, the fused C++ CPU step, or the plain-torch
+reference.
 
-``FASTDIFF_BACKEND=torch|triton|cpp`` forces a path for the whole process (cpp: the fused C++
-CPU step, opt-in while it lacks the flow Euler term and shard offsets, which fall back to torch); an explicit
+``FASTDIFF_BACKEND=torch|triton|cpp`` forces a path for the whole process; an explicit
 ``backend=`` argument forces it for one call. Otherwise CUDA tensors take Triton (when it
-imports) and everything else takes torch. Under ``TRITON_INTERPRET=1`` the Triton kernels
+imports), CPU tensors the fused C++ step ("cpp", csrc/cpu_step.cpp), and everything else (MPS,
+...) the plain-torch reference. Under ``TRITON_INTERPRET=1`` the Triton kernels
 also run on CPU tensors, which is how the test suite exercises them without a GPU.
 """
 from __future__ import annotations
@@ -63,7 +64,16 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
         return choice
     if device.type == "cuda" and triton_status()[0]:
         return "triton"
+    if device.type == "cpu" and _cpp_available():
+        return "cpp"
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_available() -> bool:
+    """Whether fastdiff._C has the fused C++ CPU step (it has, once built from this tree)."""
+    from .._ext import C
+    return hasattr(C, "cpu_step")
 
 
 def canonical_device(device) -> torch.device:

@@ -353,16 +353,15 @@ def step(
 
     chosen = table_obj.backend(device, backend) if table_obj is not None else resolve(backend, device)
     used = table_obj.used if table_obj is not None else None
-    if chosen == "cpp" and (wide or index_run is not None):
-        # what the C++ step does not have yet (shard offsets, float64): the reference, same inputs
-        chosen = "torch"
+    if chosen == "cpp" and wide:
+        chosen = "torch"  # float64 samples compute in float64: the reference
     if chosen == "cpp":
         if out is None:
             out = torch.empty_like(x)
         if return_x0 and x0_out is None:
             x0_out = torch.empty_like(x)
         _cpu.launch(x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, thresholds=thresholds,
-                    noise=noise, seed=seed, index_offset=index_offset, aux=aux, history=tuple(history), out=out,
+                    noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux, history=tuple(history), out=out,
                     x0_out=x0_out, model_in_out=model_in_out)
         return (out, x0_out) if return_x0 else out
     if wide or chosen == "torch":

@@ -2,9 +2,8 @@
 
 The same update as the Triton kernel (fastdiff/engine/kernels/fused_step.py, whose docstring has
 the equations): prediction types incl. flow_prediction, clip / thresholds / recompute-eps, the
-four variance modes, history slots (c_h0, c_h1), x0_out and the next model input (c_in). Not yet
-here: the raw model-output term c_m (flow Euler) and shard offsets (index_run); the step layer
-runs those on the torch reference.
+four variance modes, history slots (c_h0, c_h1), x0_out and the next model input (c_in). The raw
+model-output term c_m (flow Euler) and a shard's runs of global indices (index_run) too.
 
 One pass over memory: each input element is read once and each output written once, with the
 in-kernel Philox noise drawn in the same loop (csrc/philox.h: the same 32-bit words as the Triton
@@ -33,9 +32,10 @@ assert set(_VAR_CODES) == set(VAR_MODES), "csrc/cpu_step.cpp and fused_step.py d
 
 
 def launch(x, model_output, table, step, options, *, thresholds=None, noise=None, seed=None, index_offset=0,
-           aux=None, history=(), out, x0_out=None, model_in_out=None):
+           index_run=None, aux=None, history=(), out, x0_out=None, model_in_out=None):
     """The fused C++ step on CPU tensors ``fastdiff.engine.step`` has validated (the same inputs as
-    fused_step.launch; ``step`` already within the table's rows). Writes ``out`` (may be x)."""
+    fused_step.launch, ``index_run`` a shard's (length, stride) runs; ``step`` already within the
+    table's rows). Writes ``out`` (may be x)."""
     h0 = history[0] if len(history) > 0 else None
     h1 = history[1] if len(history) > 1 else None
     if thresholds is not None and thresholds.dtype != torch.float32:
@@ -49,7 +49,8 @@ def launch(x, model_output, table, step, options, *, thresholds=None, noise=None
         0 if thresholds is None else thresholds.data_ptr(), 1 if thresholds is None else thresholds.stride(0),
         bool(options.recompute_eps), 0 if seed is None else seed.data_ptr(),
         DTYPE_CODES[seed.dtype] if seed is not None else 0, int(index_offset),
-        _VAR_CODES[options.var_mode], float(options.cov_max), torch.get_num_threads())
+        _VAR_CODES[options.var_mode], float(options.cov_max), torch.get_num_threads(),
+        *(index_run if index_run is not None else (0, 0)))
     return out
 
 

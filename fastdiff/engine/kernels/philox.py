@@ -310,8 +310,9 @@ def randn(shape, seed, *, step: int = 0, stream: int = STREAM_INIT, index_offset
     if n == 0:
         return out
     chosen = resolve(backend, device)
-    if chosen == "cpp" and index_run is None and dtype != torch.float64:
-        return cpu_randn(shape, seed_t, step=step, stream=stream, index_offset=index_offset, out=out)
+    if chosen == "cpp" and dtype != torch.float64:
+        return cpu_randn(shape, seed_t, step=step, stream=stream, index_offset=index_offset, out=out,
+                         index_run=index_run)
     if chosen != "triton" or dtype == torch.float64:
         if index_run is not None:
             z = normals_run(seed_t.reshape(()), index_offset, n, index_run, step, stream, device)
@@ -351,9 +352,11 @@ def tensor_arg(t: Optional[torch.Tensor]):
 
 
 def cpu_randn(shape, seed: int, *, step: int = 0, stream: int = 1, index_offset: int = 0,
-              dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None,
+              index_run=None) -> torch.Tensor:
     """``philox.randn`` on the CPU in C++: element i (row-major) is the normal of global index
-    ``index_offset + i`` (same 32-bit words as the Triton kernel and the torch implementation)."""
+    ``index_offset + i``, or with ``index_run=(length, stride)`` of index_offset + (i // length) *
+    stride + i % length (same 32-bit words as the Triton kernel and the torch implementation)."""
     if out is None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"cpu_randn: dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -364,5 +367,7 @@ def cpu_randn(shape, seed: int, *, step: int = 0, stream: int = 1, index_offset:
         raise ValueError(f"index_offset must be >= 0, got {index_offset}")
     seed = int(seed.reshape(()).item()) if isinstance(seed, torch.Tensor) else int(seed)
     seed = (seed + 2**63) % 2**64 - 2**63  # the key is the seed's low 64 bits, as an int64 tensor holds it
-    _ext.C.cpu_randn(tuple(out.shape), tensor_arg(out), seed, index_offset, int(step), int(stream), torch.get_num_threads())
+    run_len, run_stride = index_run if index_run is not None else (0, 0)
+    _ext.C.cpu_randn(tuple(out.shape), tensor_arg(out), seed, index_offset, int(step), int(stream),
+                     torch.get_num_threads(), int(run_len), int(run_stride))
     return out
