@@ -249,9 +249,10 @@ def _bench(args) -> int:
         print(f"{str(tuple(shape)):>20} {x.numel():>10} {t_fused * 1e3:>9.3f} {t_eager * 1e3:>9.3f} "
               f"{t_eager / t_fused:>7.2f}x {moved / t_fused / 1e9:>10.2f}")
     if device.type != "cuda":
-        print("note: on the CPU the step runs the plain-torch reference (not fused); the fused Triton kernel "
-              "needs a CUDA device. The full benchmark (benchmarks/bench_step.py in the source tree) adds "
-              "CUDA-graph loops and bandwidth against a device copy.")
+        what = ("the fused C++ CPU step" if backend == "cpp" else "the plain-torch reference (not fused)")
+        print(f"note: on the CPU the step runs {what}; the Triton kernel needs a CUDA device. The full benchmark "
+              "(benchmarks/bench_step.py in the source tree) adds CUDA-graph loops and bandwidth against a device "
+              "copy.")
     return 0
 
 
