@@ -272,6 +272,25 @@ py::array_t<double> flow_table(const DoubleArray& sigmas_in, const DoubleArray& 
 
 // --- DPM-Solver++ multistep (Lu et al., 2022, "DPM-Solver++"), as diffusers' DPMSolverMultistepScheduler ---
 
+// The sigmas [K + 1] (the final one last) and timesteps [K] of a multistep or sigma-space table:
+// finite, >= 0 (<= 1 on the flow path), 0 only at the end.
+void read_sigma_steps(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in, bool flow,
+                      std::vector<double>& sig, std::vector<double>& ts) {
+  sig = to_vec(sigmas_in, "sigmas");
+  ts = to_vec(timesteps_in, "timesteps");
+  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the final sigma)");
+  if (ts.size() + 1 != sig.size())
+    value_error("timesteps must have one value fewer than sigmas, got " + std::to_string(ts.size()) +
+                " timesteps and " + std::to_string(sig.size()) + " sigmas");
+  for (size_t i = 0; i < sig.size(); ++i) {
+    const bool ok = std::isfinite(sig[i]) && sig[i] >= 0.0 && (!flow || sig[i] <= 1.0);
+    if (!ok) value_error("sigmas must be finite and >= 0 (<= 1 on the flow path), got sigmas[" + std::to_string(i) +
+                         "] = " + fmt(sig[i]));
+    if (i + 1 < sig.size() && !(sig[i] > 0.0))
+      value_error("only the final sigma may be 0, got sigmas[" + std::to_string(i) + "] = 0");
+  }
+}
+
 // One path point: alpha, sigma (x = alpha x0 + sigma eps) and lambda = log(alpha / sigma).
 struct PathPoint {
   double alpha, sigma, lambda;
@@ -295,26 +314,14 @@ PathPoint path_point(double sigma, bool flow) {
 // Rows for sigmas [K + 1] (the final sigma last): x_s = c_xt x_t + c_x0 D0 + (D1 terms) + std z with
 // D0 = x0_hat (this step's data prediction) and D1 = (x0_hat - H0) / r0, H0 the previous step's
 // x0_hat, r0 = h_prev / h. Second-order rows need H0; first-order rows ignore it (c_h0 = 0).
-// first_order_from: rows i < first_order_from ... take order 1 whatever `order` says: row 0 always
-// (no history), the last row where diffusers lowers the order. Rows K .. 2K-1 repeat every step
-// at first order: a loop that begins mid-schedule (img2img) steps at first order first, as
+// Row 0 (no history yet) and the last row where diffusers lowers the order are first order.
+// Rows K .. 2K-1 repeat every step at first order: a loop that begins mid-schedule (img2img) steps at first order first, as
 // diffusers' lower_order_nums does, by reading row K + i.
 py::array_t<double> dpm_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in, bool flow,
                               const std::string& algorithm, const std::string& solver_type, int order,
                               bool lower_order_final, bool euler_at_final, bool final_sigma_zero) {
-  const auto sig = to_vec(sigmas_in, "sigmas");
-  const auto ts = to_vec(timesteps_in, "timesteps");
-  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the final sigma)");
-  if (ts.size() + 1 != sig.size())
-    value_error("timesteps must have one value fewer than sigmas, got " + std::to_string(ts.size()) +
-                " timesteps and " + std::to_string(sig.size()) + " sigmas");
-  for (size_t i = 0; i < sig.size(); ++i) {
-    const bool ok = std::isfinite(sig[i]) && sig[i] >= 0.0 && (!flow || sig[i] <= 1.0);
-    if (!ok) value_error("sigmas must be finite and >= 0 (<= 1 on the flow path), got sigmas[" + std::to_string(i) +
-                         "] = " + fmt(sig[i]));
-    if (i + 1 < sig.size() && !(sig[i] > 0.0))
-      value_error("only the final sigma may be 0, got sigmas[" + std::to_string(i) + "] = 0");
-  }
+  std::vector<double> sig, ts;
+  read_sigma_steps(sigmas_in, timesteps_in, flow, sig, ts);
   const bool sde = algorithm == "sde-dpmsolver++";
   if (!sde && algorithm != "dpmsolver++")
     value_error("algorithm_type must be 'dpmsolver++' or 'sde-dpmsolver++', got '" + algorithm + "'");
@@ -382,18 +389,8 @@ py::array_t<double> dpm_table(const DoubleArray& sigmas_in, const DoubleArray& t
 // c_in = 1 / sqrt(sigma_s^2 + 1): the step writes the next model input already scaled.
 py::array_t<double> euler_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in,
                                 const std::string& prediction_type, bool ancestral) {
-  const auto sig = to_vec(sigmas_in, "sigmas");
-  const auto ts = to_vec(timesteps_in, "timesteps");
-  if (sig.size() < 2) value_error("sigmas must hold at least 2 values (the steps and the final sigma)");
-  if (ts.size() + 1 != sig.size())
-    value_error("timesteps must have one value fewer than sigmas, got " + std::to_string(ts.size()) +
-                " timesteps and " + std::to_string(sig.size()) + " sigmas");
-  for (size_t i = 0; i < sig.size(); ++i) {
-    if (!(std::isfinite(sig[i]) && sig[i] >= 0.0))
-      value_error("sigmas must be finite and >= 0, got sigmas[" + std::to_string(i) + "] = " + fmt(sig[i]));
-    if (i + 1 < sig.size() && !(sig[i] > 0.0))
-      value_error("only the final sigma may be 0, got sigmas[" + std::to_string(i) + "] = 0");
-  }
+  std::vector<double> sig, ts;
+  read_sigma_steps(sigmas_in, timesteps_in, false, sig, ts);
   const bool v = prediction_type == "v_prediction";
   if (!v && prediction_type != "epsilon" && prediction_type != "sample")
     value_error("prediction_type must be 'epsilon', 'v_prediction' or 'sample' in sigma space, got '" +

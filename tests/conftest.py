@@ -36,3 +36,26 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device the kernels run on: CUDA when present, else the CPU via the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Records every tensor method that reads a value back to the host (``.item()``, ``int()``,
+    ``float()``, ``bool()``, ``.nonzero()``, ``.tolist()``, ``.cpu()``, ``.numpy()``) while the test
+    runs; ``host_reads.stop()`` ends the recording and returns the names seen."""
+    calls = []
+    for name in ("item", "__int__", "__float__", "__bool__", "nonzero", "tolist", "cpu", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Reads(list):
+        def stop(self):
+            monkeypatch.undo()
+            return list(calls)
+
+    return Reads()
