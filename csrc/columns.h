@@ -1,7 +1,8 @@
 // The one list of coefficient-table columns.
 //
-// Every solver step is  x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + c_h0 H0 + c_h1 H1 + std z
-// (m the model output as it came)
+// Every solver step is  x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + sum_k c_hk Hk + std z
+// (m the model output as it came, H0..H3 history tensors), and a predictor-corrector step also
+// writes the corrected sample  x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat + sum_k xc_hk Hk
 // on a Gaussian path x_t = a_t x0 + b_t eps (see docs/design.md).  A table is [rows, NCOL]
 // float64, one row per step.  C++ indexes rows through the enum below, Python reads the names
 // from fastdiff._C.COLUMNS, and the Triton kernel and the C++ CPU step read the same indices,
@@ -17,6 +18,8 @@
   X(C_M, "c_m")                 /* coefficient of the raw model output (flow Euler: s - t) */    \
   X(C_H0, "c_h0")               /* coefficient of history tensor 0 (multistep solvers) */         \
   X(C_H1, "c_h1")               /* coefficient of history tensor 1 */                             \
+  X(C_H2, "c_h2")               /* coefficient of history tensor 2 */                             \
+  X(C_H3, "c_h3")               /* coefficient of history tensor 3 */                             \
   X(STD, "std")                 /* std of the injected noise (0 on noise-free steps) */           \
   X(C_COV, "c_cov")             /* OCM: d x_s / d x0_hat at fixed x_t */                          \
   X(COV_SCALE, "cov_scale")     /* OCM: b_t^2 / a_t^2, Sigma0 = cov_scale (1 + h) */              \
@@ -28,7 +31,14 @@
   X(PREV_T, "prev_t")           /* the timestep s it steps to (-1 for the final step) */          \
   X(A_S, "a_s")                 /* a at s */                                                      \
   X(B_S, "b_s")                 /* b at s */                                                      \
-  X(C_IN, "c_in")               /* scale of the next model input written by the step, 0: none */
+  X(C_IN, "c_in")               /* scale of the next model input written by the step, 0: none */ \
+  X(XC_XT, "xc_xt")             /* corrected sample x_c (UniPC's corrector): coefficient of x_t */ \
+  X(XC_X0, "xc_x0")             /* x_c: coefficient of x0_hat */                                  \
+  X(XC_EPS, "xc_eps")           /* x_c: coefficient of eps_hat */                                 \
+  X(XC_H0, "xc_h0")             /* x_c: coefficient of history tensor 0 */                        \
+  X(XC_H1, "xc_h1")             /* x_c: coefficient of history tensor 1 */                        \
+  X(XC_H2, "xc_h2")             /* x_c: coefficient of history tensor 2 */                        \
+  X(XC_H3, "xc_h3")             /* x_c: coefficient of history tensor 3 */
 
 namespace fastdiff {
 

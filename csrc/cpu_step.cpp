@@ -5,8 +5,9 @@
 //
 //   x0_hat, eps_hat = predict(x_t, model_output)        epsilon / v_prediction / sample / flow
 //   x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b
-//   x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t (+ c_m m) (+ c_h0 h0) (+ c_h1 h1) + std_ z
-//   out = x_s;  x0_out = x0_hat;  model_in_out = c_in x_s
+//   x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t (+ c_m m) (+ c_hk Hk, k < 4) + std_ z
+//   x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat (+ xc_hk Hk)
+//   out = x_s;  x0_out = x0_hat;  eps_out = eps_hat;  xc_out = x_c;  model_in_out = c_in x_s
 //
 // in float32 whatever the input dtypes (float32, float16, bfloat16, mixed), each output rounded
 // once to nearest-even as torch's .to() does. The coefficients come from row `step` of the table
@@ -413,8 +414,15 @@ Coef read_row(uintptr_t table, int dtype, int64_t rows, int64_t cols, int64_t ro
   k.c_eps = r[C_EPS];
   k.c_xt = r[C_XT];
   k.c_m = r[C_M];
-  k.c_h0 = r[C_H0];
-  k.c_h1 = r[C_H1];
+  const int hist_cols[kMaxHistory] = {C_H0, C_H1, C_H2, C_H3};
+  const int xc_hist_cols[kMaxHistory] = {XC_H0, XC_H1, XC_H2, XC_H3};
+  for (int j = 0; j < kMaxHistory; ++j) {
+    k.c_h[j] = r[hist_cols[j]];
+    k.xc_h[j] = r[xc_hist_cols[j]];
+  }
+  k.xc_xt = r[XC_XT];
+  k.xc_x0 = r[XC_X0];
+  k.xc_eps = r[XC_EPS];
   k.std = r[STD];
   k.c_cov = r[C_COV];
   k.cov_scale = r[COV_SCALE];
@@ -437,8 +445,9 @@ int64_t numel(const std::vector<int64_t>& shape) {
 
 void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const TensorArg& model_output,
               const std::optional<TensorArg>& aux, const std::optional<TensorArg>& noise,
-              const std::optional<TensorArg>& h0, const std::optional<TensorArg>& h1, const TensorArg& out,
-              const std::optional<TensorArg>& x0_out, const std::optional<TensorArg>& model_in_out,
+              const std::vector<TensorArg>& history, const TensorArg& out, const std::optional<TensorArg>& x0_out,
+              const std::optional<TensorArg>& eps_out, const std::optional<TensorArg>& xc_out,
+              const std::optional<TensorArg>& model_in_out,
               uintptr_t table, int table_dtype, int64_t table_rows, int64_t table_cols, int64_t table_row_stride,
               int64_t table_col_stride, uintptr_t step, int step_dtype, int prediction,
               std::optional<double> clip_range, uintptr_t thresholds, int64_t thresholds_stride,
@@ -484,24 +493,34 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
   p.m = make_view("model_output", model_output, shape);
   if (p.noise_mode != kNoiseNone && var_mode != kVarTable) p.aux = make_view("aux", aux, shape);
   p.z = make_view("noise", noise, shape);
-  p.h0 = make_view("history[0]", h0, shape);
-  p.h1 = make_view("history[1]", h1, shape);
+  if (history.size() > static_cast<size_t>(kMaxHistory))
+    value_error("history holds at most " + std::to_string(kMaxHistory) + " tensors, got " +
+                std::to_string(history.size()));
+  static const char* const hist_names[kMaxHistory] = {"history[0]", "history[1]", "history[2]", "history[3]"};
+  p.n_hist = static_cast<int>(history.size());
+  for (int k = 0; k < p.n_hist; ++k) p.h[k] = make_view(hist_names[k], history[k], shape);
   p.out = make_view("out", out, shape);
   p.x0 = make_view("x0_out", x0_out, shape);
+  p.eps = make_view("eps_out", eps_out, shape);
+  p.xc = make_view("xc_out", xc_out, shape);
   p.model_in = make_view("model_in_out", model_in_out, shape);
-  check_overlaps({{"x", &p.x}, {"model_output", &p.m}, {"aux", &p.aux}, {"noise", &p.z}, {"history[0]", &p.h0},
-                  {"history[1]", &p.h1}},
-                 {{"out", &p.out}, {"x0_out", &p.x0}, {"model_in_out", &p.model_in}});
+  std::vector<std::pair<const char*, const View*>> ins = {
+      {"x", &p.x}, {"model_output", &p.m}, {"aux", &p.aux}, {"noise", &p.z}};
+  for (int k = 0; k < p.n_hist; ++k) ins.push_back({hist_names[k], &p.h[k]});
+  check_overlaps(ins, {{"out", &p.out}, {"x0_out", &p.x0}, {"eps_out", &p.eps}, {"xc_out", &p.xc},
+                       {"model_in_out", &p.model_in}});
 
-  View* views[] = {&p.x, &p.m, &p.aux, &p.z, &p.h0, &p.h1, &p.out, &p.x0, &p.model_in};
+  std::vector<View*> views = {&p.x, &p.m, &p.aux, &p.z, &p.out, &p.x0, &p.eps, &p.xc, &p.model_in};
+  for (int k = 0; k < p.n_hist; ++k) views.push_back(&p.h[k]);
   bool all_dense = true;
   for (View* v : views)
     if (*v && !v->dense) all_dense = false;
   if (!all_dense && p.noise_mode != kNoisePhilox) {
     std::vector<const std::vector<int64_t>*> strides;
     for (const auto* a : {&x, &model_output, &out}) strides.push_back(&std::get<2>(*a));
-    for (const auto* a : {&noise, &h0, &h1, &x0_out, &model_in_out})
+    for (const auto* a : {&noise, &x0_out, &eps_out, &xc_out, &model_in_out})
       if (*a) strides.push_back(&std::get<2>(**a));
+    for (const auto& h : history) strides.push_back(&std::get<2>(h));
     if (p.aux) strides.push_back(&std::get<2>(*aux));
     if (shared_dense_layout(strides, shape, p.n))
       for (View* v : views)
@@ -569,7 +588,8 @@ void register_cpu_step(py::module_& m) {
   }, py::arg("work"), "Benchmarks: elements of work (x4 for in-kernel noise) below which a step runs on one thread.");
 
   m.def("cpu_step", &cpu_step, py::arg("shape"), py::arg("x"), py::arg("model_output"), py::arg("aux"),
-        py::arg("noise"), py::arg("h0"), py::arg("h1"), py::arg("out"), py::arg("x0_out"), py::arg("model_in_out"),
+        py::arg("noise"), py::arg("history"), py::arg("out"), py::arg("x0_out"), py::arg("eps_out"), py::arg("xc_out"),
+        py::arg("model_in_out"),
         py::arg("table"), py::arg("table_dtype"), py::arg("table_rows"), py::arg("table_cols"),
         py::arg("table_row_stride"), py::arg("table_col_stride"), py::arg("step"), py::arg("step_dtype"),
         py::arg("prediction"), py::arg("clip_range"), py::arg("thresholds"), py::arg("thresholds_stride"),

@@ -301,33 +301,66 @@ inline void predict_clip_combine(const StepParams& p, int64_t lo, int64_t len, c
   }
 }
 
+// eps_hat of a chunk (eps_out, or x_c's eps term) when the fused loop above did not keep it.
+inline const float* eps_of(const StepParams& p, const float* __restrict X, const float* __restrict M,
+                           const float* __restrict X0, float* __restrict EB, int64_t len) {
+  const Coef& c = p.coef;
+  const float a_t = c.a_t, b_t = c.b_t;
+  if (p.recompute_eps) {
+    for (int64_t i = 0; i < len; ++i) EB[i] = (X[i] - a_t * X0[i]) / b_t;
+    return EB;
+  }
+  switch (p.prediction) {
+    case kEpsilon: return M;
+    case kVPrediction:
+      for (int64_t i = 0; i < len; ++i) EB[i] = a_t * M[i] + b_t * X[i];
+      break;
+    case kSample:
+      for (int64_t i = 0; i < len; ++i) EB[i] = (X[i] - a_t * M[i]) / b_t;
+      break;
+    default:
+      for (int64_t i = 0; i < len; ++i) EB[i] = X[i] + a_t * M[i];
+      break;
+  }
+  return EB;
+}
+
 inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s) {
   const Coef& c = p.coef;
   const float* __restrict X = load(p.x, lo, len, s.x);
   const float* __restrict M = load(p.m, lo, len, s.m);
   float* __restrict X0 = s.x0;
   float* __restrict XS = s.xs;
+  // x0_hat is needed in the buffer when written out or used by x_c; eps_hat (recomputed: the
+  // fused loop does not keep it) when written out or used by x_c.
+  const bool need_x0 = p.x0 || p.xc || p.eps;
   if (p.thresholds == nullptr && !p.clip && !p.recompute_eps) {
-    if (p.x0)
+    if (need_x0)
       predict_combine_all<true>(p.prediction, X, M, p.coef, X0, XS, len);
     else
       predict_combine_all<false>(p.prediction, X, M, p.coef, X0, XS, len);
   } else {
     predict_clip_combine(p, lo, len, X, M, s);
   }
+  const float* E = (p.eps || p.xc) ? eps_of(p, X, M, X0, s.eps, len) : nullptr;
   if (c.c_m != 0.0f) {  // the raw model-output term (flow Euler: x_t + (sigma_s - sigma_t) u), product then sum
     const float cm = c.c_m;
     for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + cm * M[i];
   }
-  if (p.h0) {
-    const float* __restrict H = load(p.h0, lo, len, s.h0);
-    const float ch = c.c_h0;
-    for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + ch * H[i];
+  float* __restrict XC = s.xc;
+  if (p.xc) {
+    const float kx = c.xc_xt, k0 = c.xc_x0, ke = c.xc_eps;
+    const float* __restrict EE = E;
+    for (int64_t i = 0; i < len; ++i) XC[i] = kx * X[i] + k0 * X0[i] + ke * EE[i];
   }
-  if (p.h1) {
-    const float* __restrict H = load(p.h1, lo, len, s.h1);
-    const float ch = c.c_h1;
+  for (int k = 0; k < p.n_hist; ++k) {
+    const float* __restrict H = load(p.h[k], lo, len, s.h);
+    const float ch = c.c_h[k];
     for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + ch * H[i];
+    if (p.xc) {
+      const float kh = c.xc_h[k];
+      for (int64_t i = 0; i < len; ++i) XC[i] = XC[i] + kh * H[i];
+    }
   }
 
   if (p.noise_mode != kNoiseNone) {
@@ -369,8 +402,10 @@ inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s)
 
   store(p.out, lo, len, XS);
   if (p.x0) store(p.x0, lo, len, X0);
+  if (p.eps) store(p.eps, lo, len, E);
+  if (p.xc) store(p.xc, lo, len, XC);
   if (p.model_in) {
-    // From the float32 x_s, before its rounding into out.
+    // From the float32 x_s, before its rounding into out (s.eps is free: eps_hat is stored).
     float* __restrict MI = s.eps;
     const float c_in = c.c_in;
     for (int64_t i = 0; i < len; ++i) MI[i] = c_in * XS[i];

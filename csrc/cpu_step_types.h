@@ -86,9 +86,13 @@ struct View {  // a tensor's logical elements, dims coalesced (row-major order k
   explicit operator bool() const { return ptr != nullptr; }
 };
 
+constexpr int kMaxHistory = 4;  // history tensors H0..H3 (columns c_h0..c_h3, xc_h0..xc_h3)
+
 struct Coef {  // one table row, in float32 (the kernel's precision)
-  float a_t, b_t, c_x0, c_eps, c_xt, c_m, c_h0, c_h1, std, c_cov, cov_scale, log_var_min, log_var_max, var_max, noise,
-      c_in;
+  float a_t, b_t, c_x0, c_eps, c_xt, c_m, std, c_cov, cov_scale, log_var_min, log_var_max, var_max, noise, c_in;
+  float c_h[kMaxHistory];
+  float xc_xt, xc_x0, xc_eps;  // the corrected sample x_c (UniPC's corrector)
+  float xc_h[kMaxHistory];
 };
 
 struct StepParams {
@@ -96,7 +100,9 @@ struct StepParams {
   // A shard of a larger tensor: logical element l has global index
   // index_offset + (l / run_len) * run_stride + l % run_len (run_len 0: index_offset + l).
   int64_t run_len = 0, run_stride = 0;
-  View x, m, aux, z, h0, h1, out, x0, model_in;
+  View x, m, aux, z, out, x0, eps, xc, model_in;
+  View h[kMaxHistory];
+  int n_hist = 0;
   Coef coef{};
   int prediction = kEpsilon, var_mode = kVarTable, noise_mode = kNoiseNone;
   bool clip = false, recompute_eps = false;
@@ -115,7 +121,7 @@ struct RandnParams {
 };
 
 struct alignas(64) Scratch {
-  float x[kChunk], m[kChunk], aux[kChunk], h0[kChunk], h1[kChunk], x0[kChunk], eps[kChunk], xs[kChunk];
+  float x[kChunk], m[kChunk], aux[kChunk], h[kChunk], x0[kChunk], eps[kChunk], xs[kChunk], xc[kChunk];
   float z[kChunk + 8];
   float zr[kChunk];  // a shard's normals, gathered from its runs
   uint32_t words[kChunk + 8];

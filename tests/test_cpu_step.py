@@ -626,7 +626,7 @@ def _args():
     (dict(sample_offset=-1), ValueError, r"sample_offset must be an int in \[0, 2\*\*62\)"),
     (dict(out=torch.empty(3, 2)), ValueError, "x and out must have the same shape"),
     (dict(model_in_out=torch.empty(2, 3, dtype=torch.float64)), ValueError, "model_in_out must be float32"),
-    (dict(history=[torch.randn(2, 3)] * 3), ValueError, "at most 2 tensors"),
+    (dict(history=[torch.randn(2, 3)] * 5), ValueError, "at most 4 tensors"),
     (dict(history=(None, torch.randn(2, 4))), ValueError, r"x and history\[1\] must have the same shape"),
 ])
 def test_invalid_inputs_are_named(change, exc, match):

@@ -36,14 +36,17 @@ def random_table(rows, gen, flow=False):
     t[:, COL["a_t"]] = a
     t[:, COL["b_t"]] = 1 - a if flow else (1 - a * a).sqrt()
     for name, lo, hi in (("c_x0", 0.1, 1.0), ("c_eps", -0.5, 0.9), ("c_xt", -0.3, 0.8), ("c_m", -0.5, 0.5),
-                         ("c_h0", -0.7, 0.7),
-                         ("c_h1", -0.4, 0.4), ("std", 0.0, 0.6), ("c_in", 0.3, 1.0)):
+                         ("c_h0", -0.7, 0.7), ("c_h1", -0.4, 0.4), ("c_h2", -0.5, 0.3), ("c_h3", -0.2, 0.6),
+                         ("std", 0.0, 0.6), ("c_in", 0.3, 1.0), ("xc_xt", -0.2, 1.0), ("xc_x0", -0.6, 0.7),
+                         ("xc_eps", -0.4, 0.5), ("xc_h0", -0.5, 0.5), ("xc_h1", -0.3, 0.4), ("xc_h2", -0.6, 0.2),
+                         ("xc_h3", 0.1, 0.9)):
         t[:, COL[name]] = torch.rand(rows, generator=gen, dtype=torch.float64) * (hi - lo) + lo
     return t
 
 
-def f64_general(x, m, h0, h1, z, row, pred):
-    """x_s and c_in x_s from one table row in float64, written from the formulas of docs/design.md."""
+def f64_general(x, m, hist, z, row, pred):
+    """(x_s, x0_hat, c_in x_s, eps_hat, x_c) from one table row in float64, written from the formulas of
+    docs/design.md (hist: the history tensors H0.., any number up to four)."""
     x, m = x.double(), m.double()
     r = {k: float(row[i]) for k, i in COL.items()}
     a, b = r["a_t"], r["b_t"]
@@ -56,13 +59,13 @@ def f64_general(x, m, h0, h1, z, row, pred):
     else:  # flow: u = eps - x0 with a + b = 1
         x0, eps = x - b * m, x + a * m
     xs = r["c_x0"] * x0 + r["c_eps"] * eps + r["c_xt"] * x + r["c_m"] * m
-    if h0 is not None:
-        xs = xs + r["c_h0"] * h0.double()
-    if h1 is not None:
-        xs = xs + r["c_h1"] * h1.double()
+    xc = r["xc_xt"] * x + r["xc_x0"] * x0 + r["xc_eps"] * eps
+    for k, h in enumerate(hist):
+        xs = xs + r[f"c_h{k}"] * h.double()
+        xc = xc + r[f"xc_h{k}"] * h.double()
     if z is not None:
         xs = xs + r["std"] * z.double()
-    return xs, x0, r["c_in"] * xs
+    return xs, x0, r["c_in"] * xs, eps, xc
 
 
 def rel_err(got, ref):
@@ -71,23 +74,44 @@ def rel_err(got, ref):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample", "flow_prediction"])
-@pytest.mark.parametrize("n_hist", [0, 1, 2])
+@pytest.mark.parametrize("n_hist", [0, 1, 2, 3, 4])
 def test_general_row_with_history_and_next_input(dtype, pred, n_hist):
     gen = torch.Generator().manual_seed(7 + n_hist)
     table = random_table(4, gen, flow=pred == "flow_prediction")
     shape = (3, 5, 7)
-    x, m, z, h0, h1 = (torch.randn(shape, generator=gen).to(dtype) for _ in range(5))
-    hist = [h0, h1][:n_hist]
+    x, m, z = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    hist = [torch.randn(shape, generator=gen).to(dtype) for _ in range(n_hist)]
     idx = torch.tensor([2])
-    want, want_x0, want_in = f64_general(x, m, *(hist + [None, None])[:2], z, table[2], pred)
+    want, want_x0, want_in, want_eps, want_xc = f64_general(x, m, hist, z, table[2], pred)
     for backend in ("triton", "torch", "cpp"):
         out, x0_out, mi = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        # the corrected sample and eps_hat on every other history count (both ways are served)
+        more = dict(xc_out=torch.empty_like(x), eps_out=torch.empty_like(x)) if n_hist % 2 == 0 else {}
         got = step(x, m, table.float(), idx, prediction_type=pred, noise=z, history=hist, out=out, x0_out=x0_out,
-                   model_in_out=mi, backend=backend)
+                   model_in_out=mi, backend=backend, **more)
         assert got is out
         assert rel_err(out, want) < TOL[dtype], backend
         assert rel_err(x0_out, want_x0) < TOL[dtype], backend
         assert rel_err(mi, want_in) < TOL[dtype], backend
+        if more:
+            assert rel_err(more["xc_out"], want_xc) < TOL[dtype], backend
+            assert rel_err(more["eps_out"], want_eps) < TOL[dtype], backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"])
+def test_corrected_sample_alone_in_place_and_strided(backend):
+    """x_c without x0_out (the loops must still form x0_hat), written over the history tensor it
+    reads (UniPC's drop-in keeps the corrected sample in place), on transposed inputs."""
+    gen = torch.Generator().manual_seed(11)
+    table = random_table(3, gen)
+    x = torch.randn(4, 6, 5, generator=gen).transpose(1, 2)
+    m = torch.randn(4, 5, 6, generator=gen)
+    hist = [torch.randn(4, 5, 6, generator=gen) for _ in range(3)] + [torch.randn(4, 6, 5, generator=gen).transpose(1, 2)]
+    want, _, _, _, want_xc = f64_general(x, m, hist, None, table[0], "epsilon")
+    h3 = hist[3].clone()
+    out = torch.empty(4, 5, 6)
+    step(x, m, table.float(), torch.tensor([0]), history=hist[:3] + [h3], out=out, xc_out=h3, backend=backend)
+    assert rel_err(out, want) < 2e-5 and rel_err(h3, want_xc) < 2e-5
 
 
 def test_history_and_next_input_strided_and_in_place():
@@ -96,7 +120,7 @@ def test_history_and_next_input_strided_and_in_place():
     base = torch.randn(4, 6, 5, generator=gen)
     x = base.transpose(1, 2)  # non-contiguous inputs and outputs
     m, h0 = torch.randn(4, 5, 6, generator=gen), torch.randn(6, 5, 4, generator=gen).permute(2, 1, 0)
-    want, _, want_in = f64_general(x, m, h0, None, None, table[1], "v_prediction")
+    want, _, want_in, _, _ = f64_general(x, m, [h0], None, table[1], "v_prediction")
     mi = torch.empty(4, 6, 5).transpose(1, 2)
     for backend in ("triton", "torch", "cpp"):
         xb = x.clone()
@@ -120,7 +144,7 @@ def test_out_of_range_row_reads_the_nearest_row(backend):
     (dict(out=torch.zeros(1, 1, 1).expand(2, 3, 4)), "overlapping memory"),
     (dict(x0_out="out"), "must be different tensors"),
     (dict(model_in_out="out"), "must be different tensors"),
-    (dict(history=[torch.randn(2, 3, 4)] * 3), "at most 2"),
+    (dict(history=[torch.randn(2, 3, 4)] * 5), "at most 4"),
     (dict(history=[torch.randn(2, 3, 5)]), "same shape"),
     (dict(table=torch.zeros(4, NCOL, dtype=torch.int64)), "floating-point"),
     (dict(options=StepOptions(), prediction_type="sample"), "not both"),
@@ -146,7 +170,7 @@ def test_float64_inputs_compute_in_float64_on_every_backend():
     gen = torch.Generator().manual_seed(2)
     table = Table(random_table(3, gen))
     x, m, z = (torch.randn(2, 5, generator=gen, dtype=torch.float64) for _ in range(3))
-    want, _, _ = f64_general(x, m, None, None, z, table.host[1], "epsilon")
+    want, _, _, _, _ = f64_general(x, m, [], z, table.host[1], "epsilon")
     for backend in ("triton", "torch"):
         got = step(x, m, table, torch.tensor([1]), noise=z, backend=backend)
         assert got.dtype == torch.float64 and rel_err(got, want) < 1e-14

@@ -206,7 +206,7 @@ def dynamic_thresholds(x, model_output, table: torch.Tensor, index, options: Ste
     plain = StepOptions(prediction_type=options.prediction_type)
     xf = x if wide or x.dtype == torch.float32 else x.float()
     mf = model_output if wide or model_output.dtype == torch.float32 else model_output.float()
-    _, x0, _ = _fused.reference(xf, mf, table, index, plain)
+    _, x0, _, _ = _fused.reference(xf, mf, table, index, plain)
     flat = x0.reshape(x0.shape[0], -1).abs()
     s = quantile_rows(flat, options.dynamic_thresholding_ratio)
     return s.clamp(min=1.0, max=options.sample_max_value)
@@ -253,6 +253,8 @@ def step(
     thresholds: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     x0_out: Optional[torch.Tensor] = None,
+    eps_out: Optional[torch.Tensor] = None,
+    xc_out: Optional[torch.Tensor] = None,
     model_in_out: Optional[torch.Tensor] = None,
     return_x0: bool = False,
     backend: Optional[str] = None,
@@ -260,7 +262,7 @@ def step(
 ):
     """One fused step x_t -> x_s (fastdiff/engine/kernels/fused_step.py has the update).
 
-    Shapes: x, model_output, noise, aux, history tensors, out, x0_out, model_in_out: one shape S
+    Shapes: x, model_output, noise, aux, history tensors and every output: one shape S
     (dim 0 the batch); ``table``: a Table or a [K, NCOL] tensor on x's device; ``index``: a
     one-element int tensor on the device, the table row (a device value, so a captured loop
     needs no host value per step). An index outside [0, K) reads the nearest row, on every
@@ -275,9 +277,11 @@ def step(
       ``sample_offset``), ``index_run=(length, stride)`` x's row-major elements in runs of
       ``length`` consecutive global indices, ``stride`` apart (a slice along one dimension).
     * ``aux``: the OCM head's h or the model's variance output (var_mode other than "table").
-    * ``history``: up to two tensors H0, H1 added with the row's c_h0, c_h1.
+    * ``history``: up to four tensors H0..H3 added with the row's c_h0..c_h3 (multistep solvers).
     * ``thresholds``: explicit per-sample s_b [B]; computed when options.thresholding.
-    * ``out`` may be ``x`` (in place); ``x0_out`` receives x0_hat, ``model_in_out`` c_in * x_s.
+    * ``out`` may be ``x`` (in place); ``x0_out`` receives x0_hat, ``eps_out`` eps_hat,
+      ``model_in_out`` c_in * x_s, ``xc_out`` the second combination of the same inputs
+      x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat + sum_k xc_hk Hk (UniPC's corrected sample).
     * float32 / float16 / bfloat16 inputs (mixed allowed) compute in float32; float64 inputs
       (all of them) compute in float64 on every backend.
 
@@ -308,8 +312,9 @@ def step(
             raise ValueError(f"var_mode={options.var_mode!r} needs aux (the "
                              f"{'covariance head' if options.var_mode == 'ocm' else 'variance'} output)")
         _check_tensor("aux", aux, shape, device, wide)
-    if len(history) > 2:
-        raise ValueError(f"history holds at most 2 tensors (columns c_h0, c_h1), got {len(history)}")
+    if len(history) > _fused.MAX_HISTORY:
+        raise ValueError(f"history holds at most {_fused.MAX_HISTORY} tensors (columns "
+                         f"{', '.join(_fused.HISTORY_COLUMNS)}), got {len(history)}")
     for j, h in enumerate(history):
         _check_tensor(f"history[{j}]", h, shape, device, wide)
     if type(sample_offset) is not int or not 0 <= sample_offset < MAX_INDEX:
@@ -320,8 +325,8 @@ def step(
                              f"got {tuple(thresholds.shape)}")
         if thresholds.device != device:
             raise ValueError(f"thresholds must be on {device}, got {thresholds.device}")
-    outputs = [(name, t) for name, t in (("out", out), ("x0_out", x0_out), ("model_in_out", model_in_out))
-               if t is not None]
+    outputs = [(name, t) for name, t in (("out", out), ("x0_out", x0_out), ("eps_out", eps_out), ("xc_out", xc_out),
+                                         ("model_in_out", model_in_out)) if t is not None]
     for name, t in outputs:
         _check_output(name, t, shape, device, wide)
     if outputs:
@@ -361,14 +366,16 @@ def step(
         if return_x0 and x0_out is None:
             x0_out = torch.empty_like(x)
         _cpu.launch(x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, thresholds=thresholds,
-                    noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux, history=tuple(history), out=out,
-                    x0_out=x0_out, model_in_out=model_in_out)
+                    noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
+                    history=tuple(history), out=out, x0_out=x0_out, eps_out=eps_out, xc_out=xc_out,
+                    model_in_out=model_in_out)
         return (out, x0_out) if return_x0 else out
     if wide or chosen == "torch":
-        x_s, x0, model_in = _fused.reference(
+        x_s, x0, model_in, extra = _fused.reference(
             x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, used=used, thresholds=thresholds,
             noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux, history=history,
-            need_x0=return_x0 or x0_out is not None, need_model_in=model_in_out is not None)
+            need_x0=return_x0 or x0_out is not None, need_eps=eps_out is not None, need_xc=xc_out is not None,
+            need_model_in=model_in_out is not None)
         if out is not None:
             out.copy_(x_s)
             x_s = out
@@ -377,6 +384,10 @@ def step(
             x0 = x0_out
         if model_in_out is not None:
             model_in_out.copy_(model_in)
+        if eps_out is not None:
+            eps_out.copy_(extra["eps"])
+        if xc_out is not None:
+            xc_out.copy_(extra["xc"])
         return (x_s, x0) if return_x0 else x_s
 
     if out is None:
@@ -387,6 +398,6 @@ def step(
         thresholds = thresholds.float().contiguous()
     _fused.launch(x, model_output, tab, index, options, n_rows=tab.shape[0], used=used, thresholds=thresholds,
                   noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
-                  history=tuple(history), out=out,
-                  x0_out=x0_out, model_in_out=model_in_out)
+                  history=tuple(history), out=out, x0_out=x0_out, eps_out=eps_out, xc_out=xc_out,
+                  model_in_out=model_in_out)
     return (out, x0_out) if return_x0 else out

@@ -2,7 +2,8 @@
 
 The same update as the Triton kernel (fastdiff/engine/kernels/fused_step.py, whose docstring has
 the equations): prediction types incl. flow_prediction, clip / thresholds / recompute-eps, the
-four variance modes, history slots (c_h0, c_h1), x0_out and the next model input (c_in). The raw
+four variance modes, history slots (c_h0..c_h3), x0_out, eps_out, the corrected sample xc_out (xc_*
+columns) and the next model input (c_in). The raw
 model-output term c_m (flow Euler) and a shard's runs of global indices (index_run) too.
 
 One pass over memory: each input element is read once and each output written once, with the
@@ -32,18 +33,17 @@ assert set(_VAR_CODES) == set(VAR_MODES), "csrc/cpu_step.cpp and fused_step.py d
 
 
 def launch(x, model_output, table, step, options, *, thresholds=None, noise=None, seed=None, index_offset=0,
-           index_run=None, aux=None, history=(), out, x0_out=None, model_in_out=None):
+           index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None, model_in_out=None):
     """The fused C++ step on CPU tensors ``fastdiff.engine.step`` has validated (the same inputs as
     fused_step.launch, ``index_run`` a shard's (length, stride) runs; ``step`` already within the
     table's rows). Writes ``out`` (may be x)."""
-    h0 = history[0] if len(history) > 0 else None
-    h1 = history[1] if len(history) > 1 else None
     if thresholds is not None and thresholds.dtype != torch.float32:
         thresholds = thresholds.float()
     pred = "flow" if options.prediction_type == "flow_prediction" else options.prediction_type
     _C.cpu_step(
         tuple(x.shape), tensor_arg(x), tensor_arg(model_output), tensor_arg(aux if options.var_mode != "table" else None),
-        tensor_arg(noise), tensor_arg(h0), tensor_arg(h1), tensor_arg(out), tensor_arg(x0_out), tensor_arg(model_in_out),
+        tensor_arg(noise), [tensor_arg(h) for h in history], tensor_arg(out), tensor_arg(x0_out), tensor_arg(eps_out),
+        tensor_arg(xc_out), tensor_arg(model_in_out),
         table.data_ptr(), DTYPE_CODES[table.dtype], table.shape[0], table.shape[1], *table.stride(),
         step.data_ptr(), DTYPE_CODES[step.dtype], PREDICTIONS[pred], options.clip_range,
         0 if thresholds is None else thresholds.data_ptr(), 1 if thresholds is None else thresholds.stride(0),

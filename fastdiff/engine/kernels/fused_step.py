@@ -3,14 +3,17 @@
 
     x0_hat, eps_hat = predict(x_t, model_output)     # epsilon / v_prediction / sample / flow_prediction
     x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b   (dynamic thresholding)
-    x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + c_h0 H0 + c_h1 H1 + std_ z
+    x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + sum_k c_hk Hk + std_ z
     model_in = c_in x_s                                  (optional: the next model input, scaled)
+    x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat + sum_k xc_hk Hk   (optional: a corrected sample)
 
 with ``std_`` the table's std (var mode "table"), sqrt(min(std^2 + c_cov^2 Sigma0, var_max)) with
 the OCM posterior variance Sigma0 = clamp(cov_scale (1 + h), 0, cov_max) ("ocm"), or the model's
 learned variance ("learned_range": log-space interpolation, "learned": the variance itself).
 m is the model output as it came (flow Euler is x_t + (sigma_s - sigma_t) u, computed in that form);
-H0, H1 are history tensors a multistep solver keeps; x0_hat can be written out for the next step.
+H0..H3 are history tensors a multistep solver keeps; x0_hat and eps_hat can be written out for the
+next step, and x_c, the second combination of the same inputs, is the corrected sample UniPC's
+corrector produces (its predictor's x_s is computed from the same loads, in the same pass).
 
 The file holds, in order: the Triton kernel, its launcher ``launch`` (layout and launch only:
 ``fastdiff.engine.step`` validates every input once before calling it) and the plain-torch
@@ -36,7 +39,11 @@ VAR_MODES = {"table": 0, "ocm": 1, "learned_range": 2, "learned": 3}
 NOISE_MODES = {"none": 0, "tensor": 1, "philox": 2, "philox_run": 3}
 # The tensors a step reads or writes, in the order of the kernel's pointer arguments and of the
 # rows of its stride table.
-TENSORS = ("x", "model_output", "aux", "noise", "h0", "h1", "out", "x0_out", "model_in_out")
+TENSORS = ("x", "model_output", "aux", "noise", "h0", "h1", "h2", "h3", "out", "x0_out", "eps_out", "xc_out",
+           "model_in_out")
+HISTORY_COLUMNS = ("c_h0", "c_h1", "c_h2", "c_h3")
+XC_COLUMNS = ("xc_xt", "xc_x0", "xc_eps", "xc_h0", "xc_h1", "xc_h2", "xc_h3")
+MAX_HISTORY = len(HISTORY_COLUMNS)
 
 if triton is not None:
     import triton.language as tl
@@ -53,6 +60,15 @@ if triton is not None:
     COL_C_M = tl.constexpr(COL["c_m"])
     COL_C_H0 = tl.constexpr(COL["c_h0"])
     COL_C_H1 = tl.constexpr(COL["c_h1"])
+    COL_C_H2 = tl.constexpr(COL["c_h2"])
+    COL_C_H3 = tl.constexpr(COL["c_h3"])
+    COL_XC_XT = tl.constexpr(COL["xc_xt"])
+    COL_XC_X0 = tl.constexpr(COL["xc_x0"])
+    COL_XC_EPS = tl.constexpr(COL["xc_eps"])
+    COL_XC_H0 = tl.constexpr(COL["xc_h0"])
+    COL_XC_H1 = tl.constexpr(COL["xc_h1"])
+    COL_XC_H2 = tl.constexpr(COL["xc_h2"])
+    COL_XC_H3 = tl.constexpr(COL["xc_h3"])
     COL_STD = tl.constexpr(COL["std"])
     COL_C_COV = tl.constexpr(COL["c_cov"])
     COL_COV_SCALE = tl.constexpr(COL["cov_scale"])
@@ -69,9 +85,13 @@ if triton is not None:
     T_Z = tl.constexpr(3)
     T_H0 = tl.constexpr(4)
     T_H1 = tl.constexpr(5)
-    T_OUT = tl.constexpr(6)
-    T_X0 = tl.constexpr(7)
-    T_IN = tl.constexpr(8)
+    T_H2 = tl.constexpr(6)
+    T_H3 = tl.constexpr(7)
+    T_OUT = tl.constexpr(8)
+    T_X0 = tl.constexpr(9)
+    T_EPS = tl.constexpr(10)
+    T_XC = tl.constexpr(11)
+    T_IN = tl.constexpr(12)
 
     @triton.jit
     def _offsets(local, dims_ptr, strides_ptr, WHICH: tl.constexpr, STRIDED: tl.constexpr):
@@ -107,12 +127,12 @@ if triton is not None:
 
     @triton.jit
     def _fused_step_kernel(
-        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, out_ptr, x0_ptr, in_ptr,
+        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, out_ptr, x0_ptr, eps_ptr, xc_ptr, in_ptr,
         thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr,
         n, g_base, per_sample, clip_range, cov_max, n_rows, run_len, run_stride,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
         NOISE: tl.constexpr, VAR_MODE: tl.constexpr, RAW_M: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
-        WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
+        WRITE_EPS: tl.constexpr, WRITE_XC: tl.constexpr, WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         # int64 offsets: tensors past 2**31 elements (invariant 6 of docs/design.md).
@@ -163,14 +183,32 @@ if triton is not None:
         x_s = c_x0 * x0 + c_eps * eps + c_xt * x
         if RAW_M:
             x_s = x_s + tl.load(row + COL_C_M) * m
+        if WRITE_XC:
+            x_c = tl.load(row + COL_XC_XT) * x + tl.load(row + COL_XC_X0) * x0 + tl.load(row + COL_XC_EPS) * eps
         if N_HIST >= 1:
             h0 = tl.load(h0_ptr + _offsets(local, dims, strides, T_H0, STRIDED), mask=mask,
                          other=0.0).to(tl.float32)
             x_s = x_s + tl.load(row + COL_C_H0) * h0
+            if WRITE_XC:
+                x_c = x_c + tl.load(row + COL_XC_H0) * h0
         if N_HIST >= 2:
             h1 = tl.load(h1_ptr + _offsets(local, dims, strides, T_H1, STRIDED), mask=mask,
                          other=0.0).to(tl.float32)
             x_s = x_s + tl.load(row + COL_C_H1) * h1
+            if WRITE_XC:
+                x_c = x_c + tl.load(row + COL_XC_H1) * h1
+        if N_HIST >= 3:
+            h2 = tl.load(h2_ptr + _offsets(local, dims, strides, T_H2, STRIDED), mask=mask,
+                         other=0.0).to(tl.float32)
+            x_s = x_s + tl.load(row + COL_C_H2) * h2
+            if WRITE_XC:
+                x_c = x_c + tl.load(row + COL_XC_H2) * h2
+        if N_HIST >= 4:
+            h3 = tl.load(h3_ptr + _offsets(local, dims, strides, T_H3, STRIDED), mask=mask,
+                         other=0.0).to(tl.float32)
+            x_s = x_s + tl.load(row + COL_C_H3) * h3
+            if WRITE_XC:
+                x_c = x_c + tl.load(row + COL_XC_H3) * h3
 
         if NOISE != 0:
             if NOISE == 1:
@@ -208,6 +246,12 @@ if triton is not None:
                  mask=mask)
         if WRITE_X0:
             tl.store(x0_ptr + _offsets(local, dims, strides, T_X0, STRIDED), x0.to(x0_ptr.dtype.element_ty),
+                     mask=mask)
+        if WRITE_EPS:
+            tl.store(eps_ptr + _offsets(local, dims, strides, T_EPS, STRIDED), eps.to(eps_ptr.dtype.element_ty),
+                     mask=mask)
+        if WRITE_XC:
+            tl.store(xc_ptr + _offsets(local, dims, strides, T_XC, STRIDED), x_c.to(xc_ptr.dtype.element_ty),
                      mask=mask)
         if WRITE_IN:
             c_in = tl.load(row + COL_C_IN)
@@ -269,7 +313,8 @@ def _layout_tensor(shape, tensors, device) -> torch.Tensor:
 
 
 def launch(x, model_output, table, step, options, *, n_rows, used=None, thresholds=None, noise=None, seed=None,
-           index_offset=0, index_run=None, aux=None, history=(), out, x0_out=None, model_in_out=None):
+           index_offset=0, index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None,
+           model_in_out=None):
     """Launch the kernel on inputs ``fastdiff.engine.step`` has validated: every tensor of x's
     shape S (any strides, rank <= 4 when not contiguous), ``table`` [K, NCOL] float32 contiguous
     on x's device, ``step`` and ``seed`` one-element int tensors there, ``thresholds`` [B]
@@ -277,14 +322,15 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     (length, stride): x's elements are runs of that many global indices, stride apart (a slice of
     a larger tensor; philox.check_index_run), ``n_rows`` = K (the kernel clamps the row index
     into [0, K)), ``used`` the columns non-zero in some row (None: all; the kernel skips the load
-    and multiply of c_m when unused). Writes ``out`` (may be x)."""
+    and multiply of c_m when unused), ``history`` up to MAX_HISTORY tensors. Writes ``out`` (may be
+    x) and the optional outputs."""
     shape = tuple(x.shape)
     n = x.numel()
     if n == 0:
         return out
-    h0 = history[0] if len(history) > 0 else None
-    h1 = history[1] if len(history) > 1 else None
-    tensors = (x, model_output, aux, noise, h0, h1, out, x0_out, model_in_out)
+    hist = tuple(history) + (None,) * (MAX_HISTORY - len(history))
+    tensors = (x, model_output, aux, noise) + hist + (out, x0_out, eps_out, xc_out, model_in_out)
+    n_in = 4 + MAX_HISTORY
     strided = any(t is not None and not t.is_contiguous() for t in tensors)
     if strided and seed is None and _dense_same_layout(tensors, shape, n):
         # e.g. everything channels_last: an elementwise update may walk memory in storage order,
@@ -293,13 +339,13 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
         strided = False
     if strided and len(shape) > 4:
         # More than 4 dimensions and not contiguous: run on contiguous copies.
-        ins = [t.contiguous() if t is not None else None for t in tensors[:6]]
-        outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[6:]]
+        ins = [t.contiguous() if t is not None else None for t in tensors[:n_in]]
+        outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[n_in:]]
         launch(ins[0], ins[1], table, step, options, n_rows=n_rows, used=used, thresholds=thresholds, noise=ins[3],
                seed=seed, index_offset=index_offset, index_run=index_run, aux=ins[2],
-               history=tuple(t for t in ins[4:6] if t is not None),
-               out=outs[0], x0_out=outs[1], model_in_out=outs[2])
-        for final, tmp in zip(tensors[6:], outs):
+               history=tuple(t for t in ins[4:n_in] if t is not None),
+               out=outs[0], x0_out=outs[1], eps_out=outs[2], xc_out=outs[3], model_in_out=outs[4])
+        for final, tmp in zip(tensors[n_in:], outs):
             if final is not None and final is not tmp:
                 final.copy_(tmp)
         return out
@@ -312,8 +358,8 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     grid = (-(-(n + shift) // block),)  # plain ints: triton.cdiv is a jit function, ~4 us a call
     _fused_step_kernel[grid](
         x, model_output, aux if aux is not None else dummy, noise if noise is not None else dummy,
-        h0 if h0 is not None else dummy, h1 if h1 is not None else dummy, out,
-        x0_out if x0_out is not None else dummy, model_in_out if model_in_out is not None else dummy,
+        *(h if h is not None else dummy for h in hist), out,
+        *(t if t is not None else dummy for t in (x0_out, eps_out, xc_out, model_in_out)),
         thresholds if thresholds is not None else dummy, table, step, seed if seed is not None else step, layout,
         n, index_offset - shift, per_sample, float(options.clip_range or 1.0), float(options.cov_max), n_rows,
         index_run[0] if run else 1, index_run[1] if run else 1,
@@ -321,7 +367,7 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
         THRESH=thresholds is not None, RECOMPUTE_EPS=options.recompute_eps,
         NOISE=1 if noise is not None else (3 if run else 2) if seed is not None else 0,
         VAR_MODE=VAR_MODES[options.var_mode], RAW_M=used is None or "c_m" in used, N_HIST=len(history),
-        WRITE_X0=x0_out is not None,
+        WRITE_X0=x0_out is not None, WRITE_EPS=eps_out is not None, WRITE_XC=xc_out is not None,
         WRITE_IN=model_in_out is not None,
         STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
         BLOCK=block, SHIFT=shift, num_warps=warps,
@@ -343,11 +389,13 @@ def _launch_config(n: int):
 
 
 def reference(x, model_output, table, step, options, *, used=None, thresholds=None, noise=None, seed=None,
-              index_offset=0, index_run=None, aux=None, history=(), need_x0=True, need_model_in=False):
+              index_offset=0, index_run=None, aux=None, history=(), need_x0=True, need_eps=False, need_xc=False,
+              need_model_in=False):
     """Plain-torch version of the kernel, in float32 (float64 if the table is float64).
     ``used``: the names of the columns that are non-zero in some row (None: all); the terms of
     the others are skipped (a flow Euler step is then x_t + c_m m, two passes instead of eight).
-    Returns (x_s, x0_hat or None, model_in or None) in x's dtype. No host sync: the step row is
+    Returns (x_s, x0_hat or None, model_in or None, extra) in x's dtype, ``extra`` holding "eps"
+    (eps_hat) with ``need_eps`` and "xc" (the corrected sample x_c) with ``need_xc``. No host sync: the step row is
     gathered on the device and every coefficient stays a 0-d tensor."""
     cdt = torch.float64 if table.dtype == torch.float64 else torch.float32
     # One gather and one unbind: indexing a tensor costs ~3 us a column, a tuple nothing.
@@ -359,7 +407,7 @@ def reference(x, model_output, table, step, options, *, used=None, thresholds=No
         return used is None or name in used
 
     x0 = eps = None
-    if on("c_x0") or on("c_eps") or need_x0:
+    if on("c_x0") or on("c_eps") or need_x0 or need_eps or need_xc:
         # The kernel's arithmetic in the kernel's order (x0_hat first, then the combination).
         x0, eps = x0_eps(xf, m, a_t, b_t, options.prediction_type)
         if thresholds is not None:
@@ -380,8 +428,18 @@ def reference(x, model_output, table, step, options, *, used=None, thresholds=No
         x_s = m * row[COL["c_m"]] if x_s is None else x_s.add_(m * row[COL["c_m"]])
     if x_s is None:
         x_s = torch.zeros_like(xf)
-    for h, col in zip(history, ("c_h0", "c_h1")):
-        x_s = x_s.addcmul_(h.to(cdt), row[COL[col]])
+    hs = [h.to(cdt) for h in history]
+    for h, col in zip(hs, HISTORY_COLUMNS):
+        x_s = x_s.addcmul_(h, row[COL[col]])
+    extra = {}
+    if need_xc:
+        x_c = xf * row[COL["xc_xt"]]
+        x_c = x_c.addcmul_(x0, row[COL["xc_x0"]]).addcmul_(eps, row[COL["xc_eps"]])
+        for h, col in zip(hs, XC_COLUMNS[3:]):
+            x_c = x_c.addcmul_(h, row[COL[col]])
+        extra["xc"] = x_c.to(x.dtype)
+    if need_eps:
+        extra["eps"] = eps.to(x.dtype)
     if noise is not None or seed is not None:
         if noise is not None:
             z = noise.to(cdt)
@@ -407,4 +465,4 @@ def reference(x, model_output, table, step, options, *, used=None, thresholds=No
                 noise_std = a.sqrt()
             x_s = x_s + noise_on * noise_std * z
     model_in = (x_s * row[COL["c_in"]]).to(x.dtype) if need_model_in else None
-    return x_s.to(x.dtype), (x0.to(x.dtype) if need_x0 else None), model_in
+    return x_s.to(x.dtype), (x0.to(x.dtype) if need_x0 else None), model_in, extra
