@@ -60,7 +60,8 @@ class Sampler:
     name = "base"
     var_mode = "table"
     timestep_dtype = torch.int64
-    history_slots = 0  # multistep solvers: 1 (the previous x0_hat, column c_h0)
+    history_slots = 0  # multistep solvers: how many previous x0_hat (columns c_h0, c_h1, ...) a step reads
+    history_output = "x0"  # what a step writes for the next ones: "x0" (x0_hat) or "eps" (eps_hat)
     init_noise_sigma = 1.0  # the scale of x_T
     scaled_input = False  # sigma space: the model sees c_in x, which each step writes for the next
 
@@ -177,11 +178,14 @@ class Sampler:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"fastdiff {self.name}", total=self.steps)
         noise_seed = seed if self.uses_noise else None
-        # A multistep solver reads the previous step's x0_hat and writes this step's: two float32
-        # buffers used in turn (zeros first: the first row's history coefficient is 0, and 0 * NaN
-        # from uninitialised memory would not be).
-        hist = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(2)] \
+        # A multistep solver reads the previous steps' x0_hat (or eps_hat: history_output) and writes
+        # this step's: history_slots + 1 float32 buffers used in turn, slot i % n written at step i
+        # (zeros first: the first rows' history coefficients are 0, and 0 * NaN from uninitialised
+        # memory would not be).
+        n_buf = self.history_slots + 1
+        hist = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in range(n_buf)] \
             if self.history_slots else None
+        hist_out = self.history_output + "_out"
         # Sigma space: one pass makes the first scaled input; every step writes the next one.
         model_in = x * self.first_input_scale if self.scaled_input else None
         for i in steps:
@@ -189,7 +193,8 @@ class Sampler:
             model_output, aux = self._call_model(model, x if model_in is None else model_in, t)
             extra = {}
             if hist is not None:
-                extra.update(history=(hist[i % 2],), x0_out=hist[(i + 1) % 2])
+                extra["history"] = tuple(hist[(i - 1 - k) % n_buf] for k in range(self.history_slots))
+                extra[hist_out] = hist[i % n_buf]
             if model_in is not None:
                 extra["model_in_out"] = model_in
             step(x, model_output, self.table, ids[i], self.options, seed=noise_seed, sample_offset=sample_offset,
