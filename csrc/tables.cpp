@@ -482,6 +482,12 @@ UniUpdate uni_update(const std::vector<PathPoint>& pts, size_t s0, size_t t, int
     }
     return u;
   }
+  if (h == 0.0) {
+    // Onto the same point (flow sigmas with final_sigmas_type "sigma_min" repeat the last sigma): the
+    // identity, the limit of every order (diffusers divides by h = 0 there at order > 1).
+    u.base_x = 1.0;
+    return u;
+  }
   const double hh = predict_x0 ? -h : h;
   const double hphi1 = std::expm1(hh);
   const double bh = bh2 ? std::expm1(hh) : hh;
