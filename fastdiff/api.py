@@ -34,7 +34,7 @@ def sample(model, shape: Optional[Sequence[int]] = None, *, sampler="ddim", step
       the model sees x / sqrt(sigma^2 + 1)) and "unipc" (UniPC predictor-corrector:
       ``solver_order`` 1-3, ``solver_type`` "bh1" / "bh2", ``disable_corrector``, ``predict_x0``)
       on a VP ``schedule``;
-    * "flow-euler", "flow-stochastic", "flow-ddim" (eta), "ocm-flow", "flow-dpmpp-2m" on a
+    * "flow-euler", "flow-stochastic", "flow-ddim" (eta), "ocm-flow", "flow-dpmpp-2m", "flow-dpmpp-2m-sde" on a
       rectified-flow ``schedule`` (a ``fastdiff.FlowSchedule`` or a dict; ``mu`` /
       ``image_seq_len`` with dynamic shifting; ``sigmas=[...]`` with ``steps=None``), and
       "flow-unipc" (UniPC on diffusers' UniPC flow sigmas, as Wan: ``schedule=dict(shift=5.0)``).

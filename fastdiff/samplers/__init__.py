@@ -2,7 +2,7 @@
 A new solver goes in a file here (or the file of its family) with ``@register_sampler``."""
 from .base import Sampler, check_sample_args
 from .consistency import ConsistencySampler
-from .dpm import DPMSolverSampler, DPMSolverSDESampler, FlowDPMSolverSampler
+from .dpm import DPMSolverSampler, DPMSolverSDESampler, FlowDPMSolverSampler, FlowDPMSolverSDESampler
 from .euler import EulerAncestralSampler, EulerSampler
 from .flow import FlowDDIMSampler, FlowEulerSampler, FlowSampler, FlowStochasticSampler, OCMFlowSampler
 from .ocm import OCMDDIMSampler, OCMDDPMSampler
@@ -13,4 +13,4 @@ from .vp import DDIMSampler, DDPMSampler
 __all__ = ["SAMPLERS", "ConsistencySampler", "DDIMSampler", "DDPMSampler", "DPMSolverSDESampler", "DPMSolverSampler",
            "EulerAncestralSampler", "EulerSampler", "FlowDPMSolverSampler", "FlowDDIMSampler", "FlowEulerSampler",
            "FlowSampler", "FlowStochasticSampler", "OCMDDIMSampler", "OCMDDPMSampler", "OCMFlowSampler", "Sampler",
-           "check_sample_args", "make_sampler", "register_sampler", "FlowUniPCSampler", "UniPCSampler"]
+           "check_sample_args", "make_sampler", "register_sampler", "FlowDPMSolverSDESampler", "FlowUniPCSampler", "UniPCSampler"]
