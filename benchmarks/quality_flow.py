@@ -29,39 +29,22 @@ CPU, torch backend; a few minutes on one core.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 import fastdiff
 from fastdiff.engine.schedule import FlowSchedule
 from fastdiff.training.ocm import MLPHead, ProbeHead, train_head
 from fastdiff.testbed import GaussianMixture, frechet_distance, mode_weight_error, sliced_wasserstein
+from quality_report import environment, finish, parse_args, save_figure, steps_axes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 STEPS = (5, 10, 25, 50)
 METRICS = ("FD", "SW2", "mode err")
 SECTION = "## Flow-path sample quality on the analytic test bed (benchmarks/quality_flow.py)"
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+uncommitted changes" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def metrics(gm, ref, x):
@@ -192,7 +175,6 @@ STYLES = {"flow-euler": "C0-", "flow-stochastic": "C1-", "ocm-flow exact": "C2-"
 
 def plot(all_res, path, title):
     import matplotlib
-    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(all_res), 3, figsize=(15, 4.0 * len(all_res)), squeeze=False)
@@ -203,43 +185,13 @@ def plot(all_res, path, title):
                 ax.plot(STEPS, [max(res["results"][(label, k)][mi], 1e-6) for k in STEPS], STYLES[label], marker="o",
                         ms=3, label=label)
             ax.axhline(max(res["floor"][mi], 1e-6), color="k", ls=":", label="exact vs exact")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no 2x10^1-style labels
-            ax.set_xticks(STEPS)
-            ax.set_xticklabels([str(k) for k in STEPS])
-            ax.set_xlabel("sampling steps K")
-            ax.set_title(f"{name}: {metric}", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
+            steps_axes(ax, STEPS, f"{name}: {metric}", 10)
         axes[row][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_section(path, text):
-    """Replace this benchmark's section of RESULTS.md (from its heading to the next '## ') or append it."""
-    with open(path) as f:
-        doc = f.read()
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    with open(path, "w") as f:
-        f.write(doc.rstrip() + "\n")
+    save_figure(fig, title, path, 100)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sample sets and short head training")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the ops are small; see benchmarks/quality.py)")
-    p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"),
-                   help="the RESULTS.md whose section this run replaces ('' to write nothing)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "small sample sets and short head training", argv)
     start = time.perf_counter()
 
     def log(msg):
@@ -252,11 +204,7 @@ def main(argv=None):
         # is 0.28 (0.50 with 1000 in quality.py), below the samplers' values from K = 10 on.
         ("256-d mixture, 8 modes", GaussianMixture.random(256, 8, seed=2), 500 if q else 2000, 200 if q else 800, 256),
     ]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    env = (f"{now:%Y-%m-%d %H:%M} UTC, commit {commit()}, CPU ({platform.processor() or platform.machine()}, "
-           f"{args.threads} thread(s)), python {platform.python_version()}, torch {torch.__version__}, "
-           f"numpy {np.__version__}, fastdiff {fastdiff.__version__}, backend torch, FlowSchedule() (shift 1, "
-           f"1000 training steps), sampler seed 0{', --quick' if q else ''}")
+    env = environment(args, "backend torch, FlowSchedule() (shift 1, 1000 training steps), sampler seed 0")
     lines = [SECTION, "", env, "",
              "Mixtures: `GaussianMixture.random(dim, modes, std_range=(0.005, 0.3))` (the mixtures of "
              "benchmarks/quality.py), exact velocity network. FD = Frechet distance of fitted Gaussians, SW2 = "
@@ -274,14 +222,7 @@ def main(argv=None):
         all_res.append((name, res))
     png = os.path.join(HERE, "quality_flow.png")
     plot(all_res, png, f"flow samplers on the analytic test bed ({env.split(',')[0]}, {env.split(',')[1].strip()})")
-    total = time.perf_counter() - start
-    lines += ["Plot: benchmarks/quality_flow.png", "", f"Total run time {total:.0f} s."]
-    text = "\n".join(lines) + "\n"
-    if args.results:
-        write_section(args.results, text)
-        print(f"\nwrote the section of {args.results} and {png} ({total:.0f} s)")
-    else:
-        print(f"\nwrote {png} ({total:.0f} s)")
+    finish(args, SECTION, lines, png, "", start)
 
 
 if __name__ == "__main__":

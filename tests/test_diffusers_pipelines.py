@@ -15,6 +15,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import fastdiff.diffusers as fdd  # noqa: E402
 from fastdiff.diffusers import DDIMScheduler, DDPMScheduler, swap_scheduler  # noqa: E402
 
 IMAGE_TOL = 1e-4
@@ -113,16 +114,37 @@ def sd_style_loop(unet, scheduler, generator, steps=8, guidance=5.0):
     return latents
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
-def test_stable_diffusion_style_loop(kind):
+# The drop-ins in Stable Diffusion's loop: (id, diffusers' scheduler, fastdiff's, config changes over
+# the PNDM config Stable Diffusion ships). Every row draws its noise as diffusers does: the
+# stochastic ones (ddpm, sde-dpmsolver++, euler-a) call randn_tensor with the step's generator on
+# the same steps with the same shape and dtype, so the generator that drew the initial latents
+# gives both loops the same noise bit for bit, and no row needs to be left out.
+SD_SCHEDULERS = [
+    ("ddim", diffusers.DDIMScheduler, fdd.DDIMScheduler, {}),
+    ("ddpm", diffusers.DDPMScheduler, fdd.DDPMScheduler, {}),
+    ("dpmpp-2m", diffusers.DPMSolverMultistepScheduler, fdd.DPMSolverMultistepScheduler, {}),
+    ("dpmpp-2m-karras", diffusers.DPMSolverMultistepScheduler, fdd.DPMSolverMultistepScheduler,
+     dict(use_karras_sigmas=True)),
+    ("sde-dpmpp-2m", diffusers.DPMSolverMultistepScheduler, fdd.DPMSolverMultistepScheduler,
+     dict(algorithm_type="sde-dpmsolver++")),
+    ("euler", diffusers.EulerDiscreteScheduler, fdd.EulerDiscreteScheduler, {}),
+    ("euler-a", diffusers.EulerAncestralDiscreteScheduler, fdd.EulerAncestralDiscreteScheduler, {}),
+    ("unipc", diffusers.UniPCMultistepScheduler, fdd.UniPCMultistepScheduler, {}),
+    ("unipc-order3-bh1", diffusers.UniPCMultistepScheduler, fdd.UniPCMultistepScheduler,
+     dict(solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")),
+]
+
+
+@pytest.mark.parametrize("ref_cls, fast_cls, changes", [row[1:] for row in SD_SCHEDULERS],
+                         ids=[row[0] for row in SD_SCHEDULERS])
+def test_stable_diffusion_style_loop(ref_cls, fast_cls, changes):
     unet = tiny_cond_unet()
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing")
     pndm = diffusers.PNDMScheduler(**{k: v for k, v in config.items() if k != "clip_sample"})
-    ref_cls, fast_cls = ((diffusers.DDIMScheduler, DDIMScheduler) if kind == "ddim"
-                         else (diffusers.DDPMScheduler, DDPMScheduler))
     # The swap users do: a pipeline's scheduler config (here PNDM's, as Stable Diffusion ships).
-    ref, fast = ref_cls.from_config(pndm.config), fast_cls.from_config(pndm.config)
+    ref, fast = ref_cls.from_config(pndm.config, **changes), fast_cls.from_config(pndm.config, **changes)
+    assert type(fast) is fast_cls and all(fast.config[k] == v for k, v in changes.items())
     with torch.no_grad():
         a = sd_style_loop(unet, ref, torch.Generator().manual_seed(0))
         b = sd_style_loop(unet, fast, torch.Generator().manual_seed(0))
