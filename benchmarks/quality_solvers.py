@@ -75,7 +75,7 @@ SECTION = "## Solver error vs steps on the analytic test bed (benchmarks/quality
 
 # The solvers, by registry name; names not registered are skipped (and say so).
 VP_SOLVERS = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler-a", "unipc")
-FLOW_SOLVERS = ("flow-euler", "flow-ddim", "flow-dpmpp-2m", "flow-stochastic", "flow-unipc")
+FLOW_SOLVERS = ("flow-euler", "flow-ddim", "flow-dpmpp-2m", "flow-dpmpp-2m-sde", "flow-stochastic", "flow-unipc")
 # Rows of a solver: (label suffix, keywords); a name not listed runs once with its defaults.
 OPTIONS = {
     "ddim": [("", {"eta": 0.0})],

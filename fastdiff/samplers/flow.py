@@ -99,6 +99,10 @@ class FlowDDIMSampler(FlowSampler):
 
     name = "flow-ddim"
 
+    def __init__(self, schedule=None, steps: Optional[int] = 28, **kw):
+        super().__init__(schedule, steps, **kw)
+        self.uses_noise = self.eta > 0  # eta = 0: no noise pass (every std is 0)
+
 
 @register_sampler
 class OCMFlowSampler(_OCMHead, FlowSampler):
