@@ -5,6 +5,10 @@ rescaled per sample (Lin et al., 2023; diffusers' rescale_noise_cfg), before any
   float64 written out here: the combination, diffusers' rescale formula, then the update of
   tests/test_engine.py's float64 (every prediction type, c_m included) and the noise of every
   variance mode; odd shapes, every dtype, views of the doubled batch, transposed halves.
+* The native samplers' guided loop against the same loop done by hand (the model output combined
+  in torch, then the unguided sampler), with no host read in the loop.
+* The graph key holds whether guidance is on and its rescale, not the scale; a new scale replays
+  the same graph (a stand-in for the CUDA graph, as tests/test_graphs.py).
 * Bad input raises a ValueError naming the constraint on every backend.
 
 Bounds are tests/test_engine.py's, relative to max|reference|: float32 arithmetic 2e-5, a float16 /
@@ -12,13 +16,16 @@ bfloat16 output its one rounding; each case also checks that the same bound refu
 without the rescale (or without guidance), so that the bound can fail.
 """
 import math
+import warnings
 
 import pytest
 import torch
 
 import fastdiff
 from fastdiff import StepOptions, step
+from fastdiff.graphs import GraphCache, GraphedSampler, GraphFallbackWarning
 from test_engine import COL, DTYPES, TOL, f64_general, random_table, rel_err
+from test_graphs import fake_graphs  # noqa: F401  (a fixture)
 
 BACKENDS = ("triton", "torch", "cpp")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
@@ -193,6 +200,141 @@ def test_float64_guided_step_computes_in_float64():
         assert got.dtype == torch.float64 and rel_err(got, want) < 1e-13, backend
 
 
+# -- the native samplers ---------------------------------------------------------------------------
+
+def cond_model(x, t):
+    """A model that knows its conditioning: on the doubled batch, the first half unconditional
+    (embedding 0), the second conditional (embedding 1); t must be [2B] with equal halves."""
+    b = x.shape[0] // 2
+    assert x.shape[0] == 2 * b and t.shape == (2 * b,) and torch.equal(t[:b], t[b:])
+    assert torch.equal(x[:b], x[b:])
+    emb = torch.cat([torch.zeros(b), torch.ones(b)]).reshape((-1,) + (1,) * (x.dim() - 1))
+    tt, xf = t.float().reshape(emb.shape) / 1000, x.float()
+    # about proportional to x (so that the samples stay O(1) over a few steps) and never constant
+    # over a sample (a rescale divides by the std of the guided output)
+    return ((0.8 + 0.3 * emb) * xf + 0.3 * torch.sin(1.5 * xf + emb - tt)).to(x.dtype)
+
+
+def combined(model, w, rescale):
+    """The hand-made guided model: the doubled call, the halves combined in torch (float32) and
+    rescaled by diffusers' rescale_noise_cfg, for an unguided sampler."""
+    def run(x, t):
+        out = model(torch.cat([x, x]), torch.cat([t, t]))
+        u, c = out.float().chunk(2)
+        m = u + w * (c - u)
+        if rescale:
+            dims = list(range(1, m.dim()))
+            std_text, std_cfg = c.std(dim=dims, keepdim=True), m.std(dim=dims, keepdim=True)
+            m = rescale * (m * (std_text / std_cfg)) + (1 - rescale) * m
+        return m
+    return run
+
+
+SAMPLERS = [("ddim", dict(eta=0.4)), ("dpmpp-2m", {}), ("euler", {}), ("flow-euler", {})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kw", SAMPLERS, ids=[s for s, _ in SAMPLERS])
+def test_guided_loop_equals_the_loop_by_hand(name, kw, backend):
+    shape, steps = (2, 3, 5), 4
+    for dtype in ((torch.float32, torch.bfloat16) if backend == "cpp" else (torch.float32,)):
+        opts = dict(sampler=name, steps=steps, seed=5, dtype=dtype, backend=backend, **kw)
+        got = {r: fastdiff.sample(cond_model, shape, guidance_scale=W, guidance_rescale=r, **opts) for r in (0, 0.7)}
+        # the same float32 operations in the same order: the step forms u + w (c - u) as torch does
+        assert torch.equal(got[0], fastdiff.sample(combined(cond_model, W, 0.0), shape, **opts)), dtype
+        # f m in place of diffusers' phi m std(c)/std(m) + (1 - phi) m: a few float32 roundings a
+        # step apart, grown by the chain (x0_hat divides by sqrt(ab) ~ 0.07 at t = 999)
+        want = fastdiff.sample(combined(cond_model, W, 0.7), shape, **opts).double()
+        bound = 1e-4 if dtype == torch.float32 else 1.6e-2
+        assert rel_err(got[0.7], want) < bound and rel_err(got[0], want) > 10 * bound, dtype
+        assert got[0].dtype == dtype
+        assert not torch.equal(got[0], fastdiff.sample(combined(cond_model, 0.0, 0.0), shape, **opts))
+
+
+def test_guided_ocm_reads_the_conditional_half_of_the_head():
+    def head(x, t):
+        return 0.3 * torch.tanh(x) - 0.4 + 0.05 * torch.arange(x.shape[0]).reshape(-1, 1, 1)
+
+    def head_by_hand(x, t):  # the head on the doubled batch, conditional half
+        return head(torch.cat([x, x]), torch.cat([t, t]))[x.shape[0]:]
+
+    got = fastdiff.sample(cond_model, (3, 2, 4), sampler="ocm-ddim", steps=4, head=head, guidance_scale=3.0, seed=2)
+    want = fastdiff.sample(combined(cond_model, 3.0, 0.0), (3, 2, 4), sampler="ocm-ddim", steps=4,
+                           head=head_by_hand, seed=2)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_no_host_read_in_the_guided_loop(request, backend):
+    s = fastdiff.DDIMSampler(steps=5, eta=0.5, thresholding=True, sample_max_value=2.0, guidance_scale=5.0,
+                             guidance_rescale=0.7, backend=backend)
+    x = torch.randn(2, 3, 4)
+    seed, scale = torch.tensor([1]), torch.tensor([5.0])
+    s.device_state(x.device)  # the table's device copy, made before the loop
+    reads = request.getfixturevalue("host_reads")
+    s.loop(cond_model, x, seed, guidance_scale=scale)
+    assert reads.stop() == []
+    assert torch.isfinite(x).all()
+
+
+def test_per_call_scale_and_callback():
+    s = fastdiff.EulerSampler(steps=4, guidance_scale=7.5)
+    seen = []
+    a = s.sample(cond_model, (2, 4), seed=1, guidance_scale=2.0, callback=lambda i, t, x: seen.append((t.shape, x.shape)))
+    assert torch.equal(a, fastdiff.EulerSampler(steps=4, guidance_scale=2.0).sample(cond_model, (2, 4), seed=1))
+    assert not torch.equal(a, s.sample(cond_model, (2, 4), seed=1))
+    assert seen == [(torch.Size([2]), torch.Size([2, 4]))] * 4  # the callback sees the batch, not its double
+
+
+# -- CUDA graphs: the key and the replay -------------------------------------------------------------
+
+def test_graph_key_holds_guidance_and_rescale_not_the_scale():
+    cache = GraphCache()
+
+    def key(**kw):
+        return cache.key(fastdiff.DDIMSampler(steps=4, **kw), cond_model, (2, 3), torch.float32, "cpu")
+
+    assert key(guidance_scale=7.5) == key(guidance_scale=2.0) == key(guidance_scale=-1.0)
+    assert key(guidance_scale=7.5) != key()
+    assert key(guidance_scale=7.5, guidance_rescale=0.7) != key(guidance_scale=7.5)
+    assert key(guidance_scale=7.5, guidance_rescale=0.7) == key(guidance_scale=1.0, guidance_rescale=0.7)
+
+
+def test_a_new_scale_replays_without_recapture(fake_graphs):  # noqa: F811
+    s = fastdiff.DDIMSampler(steps=4, eta=0.3, guidance_scale=7.5, guidance_rescale=0.5)
+    runner = GraphedSampler(s, cond_model, pool="pool")
+    a = runner((2, 3, 4), seed=1)
+    runner.guidance_scale = 3.0
+    assert runner.guidance_scale == 3.0
+    b = runner((2, 3, 4), seed=1)
+    c = runner((2, 3, 4), seed=1, guidance_scale=7.5)
+    runner.guidance_scale = None
+    d = runner((2, 3, 4), seed=1)
+    assert runner.captures == 1 and fake_graphs[0].replays == 4
+    assert torch.equal(a, s.sample(cond_model, (2, 3, 4), seed=1))
+    assert torch.equal(b, s.sample(cond_model, (2, 3, 4), seed=1, guidance_scale=3.0))
+    assert torch.equal(a, c) and torch.equal(a, d) and not torch.equal(a, b)
+
+
+def test_functional_cuda_graph_with_new_scales_captures_once(fake_graphs, monkeypatch):  # noqa: F811
+    cache = GraphCache(pool="pool")
+    monkeypatch.setattr(fastdiff.graphs, "_DEFAULT", cache)
+    kw = dict(sampler="dpmpp-2m", steps=4, seed=3)
+    runs = {w: fastdiff.sample(cond_model, (2, 5), cuda_graph=True, guidance_scale=w, **kw) for w in (7.5, 2.0)}
+    assert cache.captures == 1
+    for w, got in runs.items():
+        assert torch.equal(got, fastdiff.sample(cond_model, (2, 5), guidance_scale=w, **kw))
+
+
+def test_cpu_fallback_of_a_guided_runner_equals_eager():
+    s = fastdiff.FlowEulerSampler(steps=4, guidance_scale=4.0)
+    runner = GraphedSampler(s, cond_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GraphFallbackWarning)
+        got = runner((2, 6), seed=2, guidance_scale=1.5)
+    assert torch.equal(got, s.sample(cond_model, (2, 6), seed=2, guidance_scale=1.5))
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,match", [
@@ -230,3 +372,23 @@ def test_rescale_needs_two_elements_per_sample(backend):
     # without the rescale one element per sample is fine
     step(x, u, random_table(2, torch.Generator()).float(), torch.tensor([0]), guidance=True, guidance_cond=c,
          guidance_scale=torch.tensor([2.0]), backend=backend)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fastdiff.sample(cond_model, (2, 3), steps=3, guidance_scale="7.5"),
+     r"guidance_scale \(None for no guidance\) must be a finite number"),
+    (lambda: fastdiff.sample(cond_model, (2, 3), steps=3, guidance_scale=7.5, guidance_rescale=2.0),
+     r"guidance_rescale must be a finite number in \[0, 1\]"),
+    (lambda: fastdiff.sample(cond_model, (2, 3), steps=3, guidance_rescale=0.5), "needs guidance_scale"),
+    (lambda: fastdiff.sample(lambda x, t: x[: x.shape[0] // 2], (2, 3), steps=3, guidance_scale=7.5),
+     r"doubled batch \(4 samples: x twice\) and its output must have 4 samples, the unconditional half first"),
+    (lambda: fastdiff.DDIMSampler(steps=3).sample(cond_model, (2, 3), guidance_scale=7.5),
+     "for a sampler made without guidance"),
+    (lambda: fastdiff.DDIMSampler(steps=3, guidance_scale=7.5).sample(cond_model, (2, 3), guidance_scale=math.inf),
+     "guidance_scale must be a finite number"),
+    (lambda: setattr(GraphedSampler("ddim", cond_model, steps=3), "guidance_scale", 2.0),
+     "for a sampler made without guidance"),
+])
+def test_bad_sampler_guidance_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
