@@ -392,3 +392,44 @@ def test_rescale_needs_two_elements_per_sample(backend):
 def test_bad_sampler_guidance_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- GPU: the compiled kernel and a real CUDA graph (skipped without CUDA) --------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_guided_step_against_float64(dtype):
+    gen = torch.Generator().manual_seed(21)
+    table = guidance_table(gen, flow=False)
+    shape = (3, 4, 33, 17)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    for layout in ("chunks", "transposed"):
+        u, c = doubled(shape, dtype, gen, layout)
+        for rescale in (0.0, 0.7):
+            want = f64_general(x, f64_guided(u, c, W, rescale), [], None, table[1], "v_prediction")[0]
+            got = step(x.cuda(), u.cuda(), table.float().cuda(), torch.tensor([1], device="cuda"),
+                       prediction_type="v_prediction", guidance=True, guidance_rescale=rescale, guidance_cond=c.cuda(),
+                       guidance_scale=torch.tensor([W], device="cuda"), backend="triton")
+            assert rel_err(got.cpu(), want) < TOL[dtype], (layout, rescale)
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_guided_loop_takes_a_new_scale_without_recapture():
+    from test_graphs import TinyUNetish
+
+    torch.manual_seed(0)
+    net = TinyUNetish().cuda().eval()
+
+    def model(x, t):  # the conditioning, known to the model: the second half shifted
+        out = net(x, t)
+        b = x.shape[0] // 2
+        return torch.cat([out[:b], out[b:] + 0.1])
+
+    s = fastdiff.DDIMSampler(steps=8, eta=0.3, guidance_scale=7.5, guidance_rescale=0.7)
+    shape = (2, 3, 16, 16)
+    with GraphedSampler(s, model) as runner, torch.no_grad():
+        for w in (7.5, 2.0, 7.5):
+            runner.guidance_scale = w
+            graphed = runner(shape, seed=1, device="cuda")
+            assert torch.equal(graphed, s.sample(model, shape, seed=1, device="cuda", guidance_scale=w)), w
+        assert runner.captures == 1
