@@ -146,7 +146,10 @@ def test_eager_rows_compute_the_fused_update(fam, monkeypatch):
     ctx = step.make_context(fam, torch.device("cpu"), "torch", None)
     b = step.make_buffers(fam, (2, 3, 5, 7), torch.float32, torch.device("cpu"), 1)[0]
     kw = {"var_mode": "ocm", "aux": b["h"]} if "h" in fam.inputs else {}
-    mean = fastdiff.step(b["x"], b["eps"], ctx.table, ctx.step, backend="torch", **kw)
+    if "cond" in fam.inputs:  # the guided DDIM families draw no noise: their own fused call is the mean
+        mean = fam.fused(ctx, b).clone()
+    else:
+        mean = fastdiff.step(b["x"], b["eps"], ctx.table, ctx.step, backend="torch", **kw)
     monkeypatch.setattr(torch, "randn_like", lambda t, **k: torch.zeros_like(t, **k))
     eager = fam.eager(ctx.coef, *step.tensors_of(fam, b))
     torch.testing.assert_close(eager, mean, rtol=1e-5, atol=1e-5)
