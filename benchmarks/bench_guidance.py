@@ -12,6 +12,8 @@ c are the halves of one [2B, ...] model output (views, as a pipeline's ``noise_p
 The cases of one size and dtype run interleaved for several rounds and each keeps its best round
 (benchmarks/bench_step.py's bench_side_by_side); "unfused / fused" divides the two times of the
 same run. diffusers' rows (its pipeline's combination, then DDIMScheduler.step) where it imports.
+The last two rows time the doubled model input [x; x] the guided sampler loop needs: torch.cat
+against the loop's copy of the first half of one [2B] buffer into its second (Sampler.loop).
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def cases_for(shape, dt, table, step_id, sched):
     if sched is not None:
         t = sched.timesteps[STEP]
         cases.append(("diffusers cfg + DDIM step", lambda: sched.step(u + W * (c - u), t, x)))
+    pair = torch.empty_like(noise_pred)
+    first, second = pair[:b], pair[b:]
+    cases += [("[x; x]: torch.cat", lambda: torch.cat([x, x])), ("[x; x]: copy to 2nd half", lambda: second.copy_(first))]
     return cases
 
 
@@ -94,17 +99,19 @@ def main(argv=None) -> int:
     print(header(device))
     print(f"DDIM eta=0, step {STEP} of {STEPS}; guidance scale {W}, rescale {PHI}; C++ step; {args.threads} thread(s); "
           f"best of {args.rounds} interleaved rounds")
-    print("| size | dtype | op | time | vs fused |")
+    print("| size | dtype | op | time | vs fused (or copy) |")
     print("|---|---|---|---:|---:|")
     for name, shape in SIZES:
         for dname in dtypes:
             cases = cases_for(shape, DTYPES[dname], table, ids[STEP], sched)
             sec = bench_side_by_side([(op, fn, 0) for op, fn in cases], args.min_time, args.rounds)
             for op, _ in cases:
-                ref = sec["fused cfg + rescale" if "rescale" in op else "fused cfg"]
+                ref = sec["fused cfg + rescale" if "rescale" in op else "[x; x]: copy to 2nd half" if "[x; x]" in op
+                          else "fused cfg"]
                 print(f"| {name} | {dname} | {op} | {fmt_time(sec[op])} | {sec[op] / ref:.2f}x |", flush=True)
             for label, a, b in (("cfg: unfused / fused", "torch cfg, then the step", "fused cfg"),
-                                ("cfg + rescale: unfused / fused", "torch cfg + rescale, step", "fused cfg + rescale")):
+                                ("cfg + rescale: unfused / fused", "torch cfg + rescale, step", "fused cfg + rescale"),
+                                ("[x; x]: cat / copy", "[x; x]: torch.cat", "[x; x]: copy to 2nd half")):
                 print(f"| {name} | {dname} | **{label}** | | **{sec[a] / sec[b]:.2f}x** |")
     print(f"load average at the end: {load_average()}")
     return 0
