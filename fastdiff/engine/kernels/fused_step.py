@@ -132,8 +132,8 @@ if triton is not None:
 
     @triton.jit
     def _fused_step_kernel(
-        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, out_ptr, x0_ptr, eps_ptr, xc_ptr, in_ptr,
-        thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr, g_ptr, gs_ptr, gf_ptr,
+        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, out_ptr, x0_ptr, eps_ptr, xc_ptr, in_ptr, g_ptr,
+        thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr, gs_ptr, gf_ptr,
         n, g_base, per_sample, clip_range, cov_max, n_rows, run_len, run_stride,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
         NOISE: tl.constexpr, VAR_MODE: tl.constexpr, RAW_M: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
@@ -373,9 +373,9 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     _fused_step_kernel[grid](
         x, model_output, aux if aux is not None else dummy, noise if noise is not None else dummy,
         *(h if h is not None else dummy for h in hist), out,
-        *(t if t is not None else dummy for t in (x0_out, eps_out, xc_out, model_in_out)),
+        *(t if t is not None else dummy for t in (x0_out, eps_out, xc_out, model_in_out, guidance_cond)),
         thresholds if thresholds is not None else dummy, table, step, seed if seed is not None else step, layout,
-        *(t if t is not None else dummy for t in (guidance_cond, guidance_scale, guidance_factor)),
+        *(t if t is not None else dummy for t in (guidance_scale, guidance_factor)),
         n, index_offset - shift, per_sample, float(options.clip_range or 1.0), float(options.cov_max), n_rows,
         index_run[0] if run else 1, index_run[1] if run else 1,
         PRED=PREDICTION_CODES[options.prediction_type], CLIP=options.clip_range is not None,
