@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import inspect
 import os
 import platform
 import subprocess
@@ -51,7 +53,9 @@ def step_loop(scheduler, shape, device, dtype, steps, eta):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
     m = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-    kw = {"eta": eta, "generator": gen} if eta is not None else {"generator": gen}
+    kw = {"eta": eta} if eta is not None else {}
+    if "generator" in inspect.signature(scheduler.step).parameters:  # UniPC's step has none
+        kw["generator"] = gen
     stateful = hasattr(scheduler, "step_index")  # counts its steps: a new loop needs set_timesteps
     for t in scheduler.timesteps[:3]:  # warm up: caches, lazy tables, kernel compilation
         scheduler.step(m, t, x, **kw)
@@ -108,7 +112,7 @@ def main():
     import fastdiff
     from fastdiff.diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                                     EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                                    FlowMatchEulerDiscreteScheduler)
+                                    FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +122,7 @@ def main():
     p.add_argument("--shapes", default="1x4x64x64,8x4x64x64,1x3x32x32",
                    help="comma-separated sample shapes for the per-step table")
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--only", default=None, help="run only the step rows whose name contains this")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,12 +142,20 @@ def main():
              ("FlowMatch Euler", diffusers.FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, None),
              ("DPM++ 2M", diffusers.DPMSolverMultistepScheduler, DPMSolverMultistepScheduler, None),
              ("Euler", diffusers.EulerDiscreteScheduler, EulerDiscreteScheduler, None),
-             ("Euler a", diffusers.EulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, None)]
+             ("Euler a", diffusers.EulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, None),
+             ("UniPC bh2 order 2", diffusers.UniPCMultistepScheduler, UniPCMultistepScheduler, None),
+             ("UniPC order 3", functools.partial(diffusers.UniPCMultistepScheduler, solver_order=3),
+              functools.partial(UniPCMultistepScheduler, solver_order=3), None)]
+    wan = dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction")
+    cases.append(("UniPC flow (Wan)", functools.partial(diffusers.UniPCMultistepScheduler, **wan),
+                  functools.partial(UniPCMultistepScheduler, **wan), None))
     gpu = device.type == "cuda"
     print("| step | shape | dtype | diffusers host µs | fastdiff host µs | host speedup |"
           + (" diffusers device µs | fastdiff device µs | device speedup |" if gpu else ""))
     print("|---|---|---|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""))
     for name, ref_cls, fast_cls, eta in cases:
+        if args.only and args.only not in name:
+            continue
         for shape in shapes:
             for dtype in dtypes:
                 (ref_h, ref_d), (fast_h, fast_d) = interleaved(

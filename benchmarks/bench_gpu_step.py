@@ -134,6 +134,14 @@ def eager_ddim_cfg_rescale(c, x, u, cond):
     return eager_ddim(c, x, cfg(u, cond, GUIDANCE_RESCALE))
 
 
+def eager_unipc(c, x, u, h0, h1, x0_out):
+    """UniPC (order 2, corrector in): x_s = c_xt x_t + c_x0 x0_hat + c_h0 H0 + c_h1 H1 with
+    x0_hat = x_t - sigma u (flow), x0_hat kept for the next step."""
+    x0 = x - c["b_t"] * u
+    x0_out.copy_(x0)
+    return c["c_xt"] * x + c["c_x0"] * x0 + c["c_h0"] * h0 + c["c_h1"] * h1
+
+
 def _check_timestep(sched, ctx: StepContext) -> int:
     t = int(sched.timesteps[STEP_INDEX])
     if t != ctx.timestep:
@@ -169,6 +177,23 @@ def diffusers_flow(ctx: StepContext):
 
     def run(b):
         sched._step_index = STEP_INDEX  # the same row on every call
+        return sched.step(b["eps"], t, b["x"])
+
+    return run
+
+
+def diffusers_unipc(ctx: StepContext):
+    sched = ctx.diffusers.UniPCMultistepScheduler(**WAN_UNIPC)
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[STEP_INDEX]
+    x = torch.randn(4, 8, device=ctx.device)
+    for s in sched.timesteps[:STEP_INDEX]:  # the history a step at STEP_INDEX has
+        x = sched.step(torch.randn_like(x), s, x).prev_sample
+
+    def run(b):
+        sched._step_index = STEP_INDEX  # the same row on every call
+        sched.last_sample = b["x"]
+        sched.model_outputs = [b["h1"], b["h0"]]
         return sched.step(b["eps"], t, b["x"])
 
     return run
@@ -213,7 +238,16 @@ FAMILIES: List[Family] = [
     Family("ddim eta=0, cfg + rescale", _ddim_sampler,
            fused=lambda ctx, b: _cfg_fused(ctx, b, GUIDANCE_RESCALE), eager=eager_ddim_cfg_rescale,
            inputs={"cond": "x"}, diffusers=lambda ctx: diffusers_ddim_cfg(ctx, GUIDANCE_RESCALE)),
+    # Wan's scheduler: UniPC bh2 order 2 on flow sigmas (shift 5); the fused step reads x_t, u and
+    # two previous x0_hat and writes x_s and this x0_hat (the drop-in also writes the corrected sample).
+    Family("flow unipc (Wan), 2 history",
+           lambda: fastdiff.samplers.FlowUniPCSampler(dict(shift=5.0), STEPS),
+           fused=lambda ctx, b: _vp(ctx, b, prediction_type="flow_prediction", history=(b["h0"], b["h1"]),
+                                    x0_out=b["x0o"]),
+           eager=eager_unipc, inputs={"h0": "float32", "h1": "float32", "x0o": "float32"},
+           diffusers=diffusers_unipc),
 ]
+WAN_UNIPC = dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction")
 
 
 def make_context(fam: Family, device, backend, diffusers) -> StepContext:

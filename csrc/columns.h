@@ -49,6 +49,9 @@ enum Col : int {
   NCOL
 };
 
+// History tensors a step reads: columns c_h0..c_h3 and xc_h0..xc_h3.
+constexpr int kHistorySlots = 4;
+
 inline const char* const kColumnNames[NCOL] = {
 #define FASTDIFF_NAME(name, str) str,
     FASTDIFF_COLUMNS(FASTDIFF_NAME)

@@ -468,7 +468,10 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
   if (index_offset < 0) value_error("index_offset must be >= 0, got " + std::to_string(index_offset));
   if (clip_range && !(*clip_range > 0.0)) value_error("clip_range must be > 0, got " + fmt(*clip_range));
 
-  const int64_t step_index = read_index("step", step, step_dtype);
+  if (table_rows < 1) value_error("table must have at least one row");
+  // An index outside the table reads its nearest row (and keys the noise by it), as on every
+  // backend: fastdiff.step's contract, without a clamp op before the call.
+  const int64_t step_index = std::min(std::max<int64_t>(read_index("step", step, step_dtype), 0), table_rows - 1);
   p.coef = read_row(table, table_dtype, table_rows, table_cols, table_row_stride, table_col_stride, step_index);
   p.prediction = prediction;
   p.var_mode = var_mode;

@@ -86,7 +86,7 @@ struct View {  // a tensor's logical elements, dims coalesced (row-major order k
   explicit operator bool() const { return ptr != nullptr; }
 };
 
-constexpr int kMaxHistory = 4;  // history tensors H0..H3 (columns c_h0..c_h3, xc_h0..xc_h3)
+constexpr int kMaxHistory = kHistorySlots;  // history tensors H0..H3 (csrc/columns.h)
 
 struct Coef {  // one table row, in float32 (the kernel's precision)
   float a_t, b_t, c_x0, c_eps, c_xt, c_m, std, c_cov, cov_scale, log_var_min, log_var_max, var_max, noise, c_in;

@@ -425,6 +425,196 @@ py::array_t<double> euler_table(const DoubleArray& sigmas_in, const DoubleArray&
   return out;
 }
 
+
+// --- UniPC (Zhao, Bai, Rao, Zhou & Lu, 2023), as diffusers' UniPCMultistepScheduler (B(h): bh1, bh2) ---
+
+// One UniP (predictor) or UniC (corrector) update from point s0 to point t, in the form
+//   x_t = base_x X + sum_k cm[k] M_{s0 - k} + c_new M_new
+// with M the data predictions (predict_x0) or the noise predictions, X the sample at s0 and M_new
+// the prediction at t (the corrector's D1_t term; 0 for the predictor). Order p uses the points
+// s0 - 1 .. s0 - p + 1 as diffusers does (rks, the R matrix of powers, the b vector of phi
+// functions, rho = 1/2 at predictor order 2 and corrector order 1, else solved).
+struct UniUpdate {
+  double base_x = 0.0, c_new = 0.0;
+  std::vector<double> cm;
+};
+
+// Gaussian elimination with partial pivoting on a small dense system (UniPC's R rho = b).
+std::vector<double> solve_small(std::vector<std::vector<double>> a, std::vector<double> b) {
+  const size_t n = b.size();
+  for (size_t c = 0; c < n; ++c) {
+    size_t piv = c;
+    for (size_t r = c + 1; r < n; ++r)
+      if (std::fabs(a[r][c]) > std::fabs(a[piv][c])) piv = r;
+    if (!(std::fabs(a[piv][c]) > 0.0)) value_error("UniPC: singular R matrix (two steps at the same lambda)");
+    std::swap(a[c], a[piv]);
+    std::swap(b[c], b[piv]);
+    for (size_t r = c + 1; r < n; ++r) {
+      const double f = a[r][c] / a[c][c];
+      for (size_t j = c; j < n; ++j) a[r][j] -= f * a[c][j];
+      b[r] -= f * b[c];
+    }
+  }
+  std::vector<double> x(n);
+  for (size_t c = n; c-- > 0;) {
+    double v = b[c];
+    for (size_t j = c + 1; j < n; ++j) v -= a[c][j] * x[j];
+    x[c] = v / a[c][c];
+  }
+  return x;
+}
+
+UniUpdate uni_update(const std::vector<PathPoint>& pts, size_t s0, size_t t, int order, bool corrector, bool bh2,
+                     bool predict_x0) {
+  const PathPoint &p0 = pts[s0], &pt = pts[t];
+  UniUpdate u;
+  u.cm.assign(static_cast<size_t>(order), 0.0);
+  const double h = pt.lambda - p0.lambda;
+  const double mult = predict_x0 ? pt.alpha : pt.sigma;
+  if (std::isinf(h)) {
+    // Onto sigma = 0 (the final step): the first-order limit, x0_hat. diffusers' float32 formulas
+    // give NaN there for bh1 and for noise prediction (0 * inf), and divide by r = 0 at order > 1.
+    if (predict_x0) {
+      u.cm[0] = pt.alpha;  // sigma_t / sigma_s0 -> 0, h_phi_1 -> -1
+    } else {
+      u.base_x = pt.alpha / p0.alpha;  // alpha_t / alpha_s0 x - sigma_t (e^h - 1) eps -> alpha_t x0_hat
+      u.cm[0] = -pt.alpha * p0.sigma / p0.alpha;
+    }
+    return u;
+  }
+  if (h == 0.0) {
+    // Onto the same point (flow sigmas with final_sigmas_type "sigma_min" repeat the last sigma): the
+    // identity, the limit of every order (diffusers divides by h = 0 there at order > 1).
+    u.base_x = 1.0;
+    return u;
+  }
+  const double hh = predict_x0 ? -h : h;
+  const double hphi1 = std::expm1(hh);
+  const double bh = bh2 ? std::expm1(hh) : hh;
+  u.base_x = predict_x0 ? pt.sigma / p0.sigma : pt.alpha / p0.alpha;
+  std::vector<double> rks;
+  for (int k = 1; k < order; ++k) rks.push_back((pts[s0 - k].lambda - p0.lambda) / h);
+  rks.push_back(1.0);
+  std::vector<std::vector<double>> r(order, std::vector<double>(order));
+  std::vector<double> b(order);
+  double hphik = hphi1 / hh - 1.0, fact = 1.0;
+  for (int i = 1; i <= order; ++i) {
+    for (int c = 0; c < order; ++c) r[i - 1][c] = std::pow(rks[c], i - 1);
+    b[i - 1] = hphik * fact / bh;
+    fact *= i + 1;
+    hphik = hphik / hh - 1.0 / fact;
+  }
+  std::vector<double> rho;  // predictor: order - 1 values (D_k); corrector: order (D_k, then D1_t)
+  if (!corrector) {
+    if (order == 2) {
+      rho = {0.5};
+    } else if (order > 2) {
+      std::vector<std::vector<double>> rr(order - 1, std::vector<double>(order - 1));
+      for (int i = 0; i + 1 < order; ++i)
+        for (int c = 0; c + 1 < order; ++c) rr[i][c] = r[i][c];
+      rho = solve_small(rr, std::vector<double>(b.begin(), b.end() - 1));
+    }
+  } else {
+    rho = order == 1 ? std::vector<double>{0.5} : solve_small(r, b);
+  }
+  // x_t = base_x X - mult hphi1 M0 - mult bh (sum_k rho_k (M_k - M0) / r_k + rho_last (M_new - M0))
+  u.cm[0] = -mult * hphi1;
+  for (int k = 1; k < order; ++k) {
+    const double w = mult * bh * rho[k - 1] / rks[k - 1];
+    u.cm[k] -= w;
+    u.cm[0] += w;
+  }
+  if (corrector) {
+    u.c_new = -mult * bh * rho[order - 1];
+    u.cm[0] -= u.c_new;
+  }
+  return u;
+}
+
+// Rows for sigmas [K + 1] (the final sigma last). Step i converts the model output at point i
+// into M_i (x0_hat, or eps_hat with predict_x0 false; thresholded as diffusers does), corrects
+// the sample at i with UniC (order of step i - 1's predictor) unless disabled, and predicts the
+// sample at i + 1 with UniP, in one combination of the same inputs:
+//   history H0, H1, H2 = M_{i-1}, M_{i-2}, M_{i-3}, and with `corrected_input` H3 = the corrected
+//   sample of step i - 1, whose own correction x_c the row writes (xc_* columns): diffusers'
+//   last_sample, exactly, whatever a caller does to the samples between steps (the drop-in).
+// Without `corrected_input` the correction is expressed from x_t itself: x_t is the previous
+// predictor's output, and UniC and that UniP share their base terms, so
+//   x_c = x_t + c_new M_i + sum_k (cm_C[k] - cm_P[k]) M_{i-1-k}
+// (one history tensor fewer and no second output: the native loops, which own their samples).
+// `begin`: the row where the loop starts (img2img): orders warm up from there (rows before it are
+// those of a loop from row 0).
+py::array_t<double> unipc_table(const DoubleArray& sigmas_in, const DoubleArray& timesteps_in, bool flow, int order,
+                                const std::string& solver_type, bool lower_order_final,
+                                const std::vector<int64_t>& disable_corrector, bool predict_x0, int64_t begin,
+                                bool corrected_input) {
+  std::vector<double> sig, ts;
+  read_sigma_steps(sigmas_in, timesteps_in, flow, sig, ts);
+  const bool bh2 = solver_type == "bh2";
+  if (!bh2 && solver_type != "bh1") value_error("solver_type must be 'bh1' or 'bh2', got '" + solver_type + "'");
+  if (order < 1 || order > 3) value_error("solver_order must be 1, 2 or 3, got " + std::to_string(order));
+  const size_t k = ts.size();
+  if (begin < 0 || begin >= static_cast<int64_t>(k))
+    value_error("begin must be a step index in [0, " + std::to_string(k) + "), got " + std::to_string(begin));
+  if (flow && sig[0] >= 1.0)
+    value_error("UniPC on flow sigmas needs sigmas below 1 (lambda = log((1 - sigma) / sigma)); diffusers moves a "
+                "first sigma of 1 to 1 - 1e-6");
+  std::vector<PathPoint> pts;
+  for (double s : sig) pts.push_back(path_point(s, flow));
+  const auto taken = [&](size_t i) -> int64_t { return static_cast<int64_t>(i) >= begin ? i - begin : i; };
+  const auto pred_order = [&](size_t i) -> int {
+    int p = lower_order_final ? std::min<int64_t>(order, static_cast<int64_t>(k - i)) : order;
+    p = static_cast<int>(std::min<int64_t>(p, taken(i) + 1));
+    if (std::isinf(pts[i + 1].lambda)) p = 1;  // onto sigma = 0: first order (see uni_update)
+    return p;
+  };
+  const int x_col = predict_x0 ? C_X0 : C_EPS, xc_col = predict_x0 ? XC_X0 : XC_EPS;
+  const int hist[kHistorySlots] = {C_H0, C_H1, C_H2, C_H3};
+  const int xc_hist[kHistorySlots] = {XC_H0, XC_H1, XC_H2, XC_H3};
+  auto out = new_table(k);
+  double* tab = out.mutable_data();
+  for (size_t i = 0; i < k; ++i) {
+    double* row = tab + i * NCOL;
+    const bool correct = taken(i) >= 1 && std::find(disable_corrector.begin(), disable_corrector.end(),
+                                                     static_cast<int64_t>(i) - 1) == disable_corrector.end();
+    // x_c = xc_xt x_t + xc_m M_i + sum_j xc_h[j] H_j
+    double xc_xt = 1.0, xc_m = 0.0, xc_h[kHistorySlots] = {0.0, 0.0, 0.0, 0.0};
+    if (correct) {
+      const int pc = pred_order(i - 1);
+      const UniUpdate c = uni_update(pts, i - 1, i, pc, true, bh2, predict_x0);
+      xc_m = c.c_new;
+      for (int j = 0; j < pc; ++j) xc_h[j] = c.cm[j];
+      if (corrected_input) {
+        xc_xt = 0.0;
+        xc_h[3] = c.base_x;
+      } else {
+        const UniUpdate p = uni_update(pts, i - 1, i, pc, false, bh2, predict_x0);
+        for (int j = 0; j < pc; ++j) xc_h[j] -= p.cm[j];
+      }
+    }
+    const UniUpdate p = uni_update(pts, i, i + 1, pred_order(i), false, bh2, predict_x0);
+    row[C_XT] = p.base_x * xc_xt;
+    row[x_col] = p.base_x * xc_m + p.cm[0];
+    for (int j = 0; j < kHistorySlots; ++j)
+      row[hist[j]] = p.base_x * xc_h[j] + (j + 1 < static_cast<int>(p.cm.size()) ? p.cm[j + 1] : 0.0);
+    row[XC_XT] = xc_xt;
+    row[xc_col] = xc_m;
+    for (int j = 0; j < kHistorySlots; ++j) row[xc_hist[j]] = xc_h[j];
+    row[A_T] = pts[i].alpha;
+    row[B_T] = pts[i].sigma;
+    row[A_S] = pts[i + 1].alpha;
+    row[B_S] = pts[i + 1].sigma;
+    row[COV_SCALE] = pts[i].alpha > 0.0 ? (pts[i].sigma * pts[i].sigma) / (pts[i].alpha * pts[i].alpha)
+                                        : kPureNoiseCovScale;
+    row[VAR_MAX] = std::numeric_limits<double>::infinity();
+    row[LOG_VAR_MIN] = row[LOG_VAR_MAX] = std::log(1e-20);
+    row[T] = ts[i];
+    row[PREV_T] = i + 1 < k ? ts[i + 1] : -1.0;
+    set_c_cov(row);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_tables(py::module_& m) {
@@ -446,6 +636,12 @@ void register_tables(py::module_& m) {
         "DPM-Solver++ multistep table [2K, NCOL]: rows 0..K-1 as a loop from the first step, K..2K-1 first order.");
   m.def("euler_table", &euler_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("prediction_type") = "epsilon",
         py::arg("ancestral") = false, "Euler / Euler-ancestral table in sigma space [K, NCOL] (c_in: next input scale).");
+  m.def("unipc_table", &unipc_table, py::arg("sigmas"), py::arg("timesteps"), py::arg("flow") = false,
+        py::arg("solver_order") = 2, py::arg("solver_type") = "bh2", py::arg("lower_order_final") = true,
+        py::arg("disable_corrector") = std::vector<int64_t>{}, py::arg("predict_x0") = true, py::arg("begin") = 0,
+        py::arg("corrected_input") = false,
+        "UniPC predictor-corrector table [K, NCOL]; corrected_input: the corrector reads the previous corrected "
+        "sample (H3) and writes its own (xc_* columns), as diffusers' last_sample.");
   m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
         "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
 }

@@ -31,10 +31,13 @@ def sample(model, shape: Optional[Sequence[int]] = None, *, sampler="ddim", step
       model returning (output, h));
     * "dpmpp-2m", "dpmpp-2m-sde": DPM-Solver++ (``solver_order``, ``solver_type``,
       ``use_karras_sigmas``, ...) and "euler", "euler-a" (sigma space: x_T is scaled by sigma_max,
-      the model sees x / sqrt(sigma^2 + 1)) on a VP ``schedule``;
-    * "flow-euler", "flow-stochastic", "flow-ddim" (eta), "ocm-flow", "flow-dpmpp-2m" on a
+      the model sees x / sqrt(sigma^2 + 1)) and "unipc" (UniPC predictor-corrector:
+      ``solver_order`` 1-3, ``solver_type`` "bh1" / "bh2", ``disable_corrector``, ``predict_x0``)
+      on a VP ``schedule``;
+    * "flow-euler", "flow-stochastic", "flow-ddim" (eta), "ocm-flow", "flow-dpmpp-2m", "flow-dpmpp-2m-sde" on a
       rectified-flow ``schedule`` (a ``fastdiff.FlowSchedule`` or a dict; ``mu`` /
-      ``image_seq_len`` with dynamic shifting; ``sigmas=[...]`` with ``steps=None``).
+      ``image_seq_len`` with dynamic shifting; ``sigmas=[...]`` with ``steps=None``), and
+      "flow-unipc" (UniPC on diffusers' UniPC flow sigmas, as Wan: ``schedule=dict(shift=5.0)``).
 
     The loop's keywords:
 

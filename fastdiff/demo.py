@@ -260,7 +260,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------
 # sampling from the packaged model
 
-DEMO_SAMPLERS = ("ddpm", "ddim", "ocm-ddpm", "ocm-ddim", "student", "consistency")
+DEMO_SAMPLERS = ("ddpm", "ddim", "ocm-ddpm", "ocm-ddim", "student", "consistency", "dpmpp-2m", "unipc", "euler")
 STUDENT_ASSETS = {2: "demo_student", 4: "demo_student4"}
 
 _LOADED: Dict[tuple, tuple] = {}
@@ -281,7 +281,9 @@ def make_demo_sampler(sampler: str = "ocm-ddpm", steps: int = 10, *, eta: float 
     "ddpm" / "ddim" / "ocm-ddpm" / "ocm-ddim" run the teacher UNet (the OCM ones with the packaged
     covariance head), "student" the progressively distilled student (DDIM with 2 or 4 steps, the
     counts it was trained for) and "consistency" the consistency-distilled model with the
-    multistep consistency sampler. x0_hat is clipped to [-1, 1], the data range."""
+    multistep consistency sampler; "dpmpp-2m", "unipc" and "euler" run the teacher with
+    DPM-Solver++(2M), UniPC (bh2, order 2) and Euler in sigma space. x0_hat is clipped to [-1, 1],
+    the data range."""
     from .samplers import make_sampler
 
     if sampler not in DEMO_SAMPLERS:

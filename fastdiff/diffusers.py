@@ -16,8 +16,9 @@ from .dropin.dpm import DPMSolverMultistepScheduler
 from .dropin.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .dropin.flow import FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerOutput
 from .dropin.swap import swap_scheduler, unswap_scheduler
+from .dropin.unipc import UniPCMultistepScheduler
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DDIMSchedulerOutput", "DDPMSchedulerOutput", "DPMSolverMultistepScheduler",
            "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
            "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteSchedulerOutput", "swap_scheduler",
-           "unswap_scheduler"]
+           "unswap_scheduler", "UniPCMultistepScheduler"]

@@ -264,5 +264,6 @@ def test_every_built_in_sampler_is_known_after_import_fastdiff():
     assert res.returncode == 0, res.stderr
     names, dropins = res.stdout.split("\n")[:2]
     assert eval(names) == ["consistency", "ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler-a", "flow-ddim",
-                           "flow-dpmpp-2m", "flow-euler", "flow-stochastic", "ocm-ddim", "ocm-ddpm", "ocm-flow"]
+                           "flow-dpmpp-2m", "flow-dpmpp-2m-sde", "flow-euler", "flow-stochastic", "flow-unipc", "ocm-ddim", "ocm-ddpm",
+                           "ocm-flow", "unipc"]
     assert dropins == "False"  # import fastdiff does not pull diffusers in

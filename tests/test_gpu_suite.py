@@ -146,6 +146,8 @@ def test_eager_rows_compute_the_fused_update(fam, monkeypatch):
     ctx = step.make_context(fam, torch.device("cpu"), "torch", None)
     b = step.make_buffers(fam, (2, 3, 5, 7), torch.float32, torch.device("cpu"), 1)[0]
     kw = {"var_mode": "ocm", "aux": b["h"]} if "h" in fam.inputs else {}
+    if "h0" in fam.inputs:  # a multistep family: history tensors h0, h1, ... on the flow path
+        kw.update(history=tuple(b[k] for k in fam.inputs if k[0] == "h"), prediction_type="flow_prediction")
     if "cond" in fam.inputs:  # the guided DDIM families draw no noise: their own fused call is the mean
         mean = fam.fused(ctx, b).clone()
     else:

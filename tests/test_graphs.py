@@ -349,6 +349,11 @@ def _gpu_samplers():
 
     cases += [("ocm-ddpm", lambda: ocm("OCMDDPMSampler")), ("ocm-ddim", lambda: ocm("OCMDDIMSampler")),
               ("consistency", consistency)]
+    # multistep solvers: history buffers allocated in the captured loop, read and written in turn
+    cases += [(name, lambda name=name: fastdiff.samplers.make_sampler(name, steps=10))
+              for name in ("dpmpp-2m", "dpmpp-2m-sde", "euler-a", "unipc")]
+    cases += [("unipc-order3", lambda: fastdiff.samplers.make_sampler("unipc", steps=10, solver_order=3)),
+              ("flow-unipc", lambda: fastdiff.samplers.make_sampler("flow-unipc", dict(shift=5.0), steps=10))]
     return cases
 
 

@@ -72,7 +72,9 @@ class _State:
         self.ab64: Optional[np.ndarray] = None       # alphas_cumprod as float64 (diffusers' fp32 values)
         self.host_ts: Optional[np.ndarray] = None    # host copy of the timesteps set_timesteps made
         self.host_sigmas: Optional[np.ndarray] = None  # flow, DPM: host copy of the sigmas (float32 values)
-        self.history: dict = {}                      # multistep: (device, shape, dtype) -> two x0_hat buffers
+        self.history: dict = {}                      # multistep: (device, shape, dtype) -> history buffers
+        self.history_counts: dict = {}               # UniPC: table key -> history tensors each row reads
+        self.taken = 0                               # UniPC: steps taken since set_timesteps
         self.next_input = None                       # Euler: (step output, its scaled model input, step index)
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list

@@ -8,6 +8,7 @@ from .ddpm import DDPMScheduler, _DiffusersDDPMScheduler
 from .dpm import DPMSolverMultistepScheduler, _DiffusersDPMSolverMultistep
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, _DiffusersEuler, _DiffusersEulerAncestral
 from .flow import FlowMatchEulerDiscreteScheduler, _DiffusersFlowMatchEuler
+from .unipc import UniPCMultistepScheduler, _DiffusersUniPC
 
 # diffusers' class -> fastdiff's drop-in for it; one row per drop-in.
 DROPINS = (
@@ -17,6 +18,7 @@ DROPINS = (
     (_DiffusersDPMSolverMultistep, DPMSolverMultistepScheduler),
     (_DiffusersEuler, EulerDiscreteScheduler),
     (_DiffusersEulerAncestral, EulerAncestralDiscreteScheduler),
+    (_DiffusersUniPC, UniPCMultistepScheduler),
 )
 
 

@@ -441,7 +441,7 @@ def step(
             out = torch.empty_like(x)
         if return_x0 and x0_out is None:
             x0_out = torch.empty_like(x)
-        _cpu.launch(x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, thresholds=thresholds,
+        _cpu.launch(x, model_output, tab, index, options, thresholds=thresholds,
                     noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
                     history=tuple(history), out=out, x0_out=x0_out, eps_out=eps_out, xc_out=xc_out,
                     model_in_out=model_in_out, **guide)

@@ -120,3 +120,12 @@ class FlowDPMSolverSampler(_DPMSolver):
         self.sigmas = sig
         self._set_timesteps(np.array(ts, dtype=np.float64))
         self._dpm_init(solver_order, solver_type, lower_order_final, euler_at_final)
+
+
+@register_sampler
+class FlowDPMSolverSDESampler(FlowDPMSolverSampler):
+    """SDE-DPM-Solver++(2M) on the flow path (diffusers' DPMSolverMultistepScheduler with
+    ``use_flow_sigmas=True`` and algorithm_type "sde-dpmsolver++"): the noise drawn in the kernel."""
+
+    name = "flow-dpmpp-2m-sde"
+    algorithm_type = "sde-dpmsolver++"

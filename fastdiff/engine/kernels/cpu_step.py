@@ -36,8 +36,9 @@ def launch(x, model_output, table, step, options, *, thresholds=None, noise=None
            index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None, model_in_out=None,
            guidance_cond=None, guidance_scale=None, guidance_factor=None):
     """The fused C++ step on CPU tensors ``fastdiff.engine.step`` has validated (the same inputs as
-    fused_step.launch, ``index_run`` a shard's (length, stride) runs; ``step`` already within the
-    table's rows; ``guidance_scale`` and ``guidance_factor`` float32). Writes ``out`` (may be x)."""
+    fused_step.launch, ``index_run`` a shard's (length, stride) runs; ``step`` any row index: the
+    C++ side reads the nearest row, as the kernel does; ``guidance_scale`` and ``guidance_factor``
+    float32). Writes ``out`` (may be x)."""
     if thresholds is not None and thresholds.dtype != torch.float32:
         thresholds = thresholds.float()
     pred = "flow" if options.prediction_type == "flow_prediction" else options.prediction_type
