@@ -61,6 +61,7 @@ class StepContext:
     coef: Dict[str, float]  # the host row STEP_INDEX by column name (float64 -> Python floats)
     timestep: int  # the model timestep of that row
     diffusers: object = None  # the diffusers module, or None
+    guidance_scale: Optional[torch.Tensor] = None  # w of the guided families (float32, one element)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,28 @@ def eager_flow_euler(c, x, u):
     return x + c["c_m"] * u
 
 
+GUIDANCE_SCALE, GUIDANCE_RESCALE = 7.5, 0.7
+
+
+def cfg(u, cond, rescale=0.0):
+    """A pipeline's classifier-free guidance: m = u + w (c - u), then diffusers' rescale_noise_cfg."""
+    m = u + GUIDANCE_SCALE * (cond - u)
+    if rescale:
+        dims = list(range(1, m.dim()))
+        m = rescale * (m * (cond.std(dim=dims, keepdim=True) / m.std(dim=dims, keepdim=True))) + (1 - rescale) * m
+    return m
+
+
+def eager_ddim_cfg(c, x, u, cond):
+    """DDIM (eta = 0) on the guided output: the combination as torch ops, then the update."""
+    return eager_ddim(c, x, cfg(u, cond))
+
+
+def eager_ddim_cfg_rescale(c, x, u, cond):
+    """The same with guidance rescale (two per-sample stds before the update)."""
+    return eager_ddim(c, x, cfg(u, cond, GUIDANCE_RESCALE))
+
+
 def eager_unipc(c, x, u, h0, h1, x0_out):
     """UniPC (order 2, corrector in): x_s = c_xt x_t + c_x0 x0_hat + c_h0 H0 + c_h1 H1 with
     x0_hat = x_t - sigma u (flow), x0_hat kept for the next step."""
@@ -140,6 +163,11 @@ def diffusers_ddpm(ctx: StepContext):
     t = _check_timestep(sched, ctx)
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     return lambda b: sched.step(b["eps"], t, b["x"], generator=gen)
+
+
+def diffusers_ddim_cfg(ctx: StepContext, rescale=0.0):
+    step_fn = diffusers_ddim(ctx)
+    return lambda b: step_fn({"eps": cfg(b["eps"], b["cond"], rescale), "x": b["x"]})
 
 
 def diffusers_flow(ctx: StepContext):
@@ -175,8 +203,20 @@ def _vp(ctx, b, **kw):
     return fastdiff.step(b["x"], b["eps"], ctx.table, ctx.step, out=b["out"], backend=ctx.backend, **kw)
 
 
+def _cfg_fused(ctx, b, rescale=0.0):
+    return _vp(ctx, b, guidance=True, guidance_rescale=rescale, guidance_cond=b["cond"],
+               guidance_scale=ctx.guidance_scale)
+
+
+def _ddim_sampler():
+    return fastdiff.DDIMSampler(steps=STEPS, eta=0.0, timestep_spacing="leading", prev_timestep_rule="ratio")
+
+
 # Clipping and dynamic thresholding are off in every row: thresholding adds a per-sample quantile
-# (torch's, before the fused step), which is not what this table measures.
+# (torch's, before the fused step), which is not what this table measures. The guided families
+# read u (the "eps" buffer) and c ("cond"), two tensors of x's shape, as the halves of a model's
+# doubled output would be; with rescale the fused step adds its per-sample std pass (GB/s still
+# counts only the floor: x, u and c read once, x_s written once).
 FAMILIES: List[Family] = [
     Family("ddim eta=0",
            lambda: fastdiff.DDIMSampler(steps=STEPS, eta=0.0, timestep_spacing="leading", prev_timestep_rule="ratio"),
@@ -193,6 +233,11 @@ FAMILIES: List[Family] = [
            lambda: fastdiff.FlowEulerSampler(dict(shift=3.0), STEPS),
            fused=lambda ctx, b: _vp(ctx, b, prediction_type="flow_prediction"), eager=eager_flow_euler,
            diffusers=diffusers_flow),
+    Family("ddim eta=0, cfg", _ddim_sampler, fused=_cfg_fused, eager=eager_ddim_cfg, inputs={"cond": "x"},
+           diffusers=diffusers_ddim_cfg),
+    Family("ddim eta=0, cfg + rescale", _ddim_sampler,
+           fused=lambda ctx, b: _cfg_fused(ctx, b, GUIDANCE_RESCALE), eager=eager_ddim_cfg_rescale,
+           inputs={"cond": "x"}, diffusers=lambda ctx: diffusers_ddim_cfg(ctx, GUIDANCE_RESCALE)),
     # Wan's scheduler: UniPC bh2 order 2 on flow sigmas (shift 5); the fused step reads x_t, u and
     # two previous x0_hat and writes x_s and this x0_hat (the drop-in also writes the corrected sample).
     Family("flow unipc (Wan), 2 history",
@@ -212,7 +257,8 @@ def make_context(fam: Family, device, backend, diffusers) -> StepContext:
     coef = {name: float(row[i]) for i, name in enumerate(fastdiff.COLUMNS)}
     return StepContext(device=device, backend=backend, table=table, step=ids[STEP_INDEX],
                        seed=torch.tensor([1], dtype=torch.int64, device=device), coef=coef,
-                       timestep=int(sampler.timesteps[STEP_INDEX]), diffusers=diffusers)
+                       timestep=int(sampler.timesteps[STEP_INDEX]), diffusers=diffusers,
+                       guidance_scale=torch.tensor([GUIDANCE_SCALE], dtype=torch.float32, device=device))
 
 
 def make_buffers(fam: Family, shape, dtype, device, sets: int) -> List[Dict[str, torch.Tensor]]:

@@ -3,7 +3,8 @@
 // over data pointers, dtype codes, sizes and strides (in elements) as integers
 // (fastdiff/engine/kernels/cpu_step.py), and this file trusts them; everything else it checks.
 //
-//   x0_hat, eps_hat = predict(x_t, model_output)        epsilon / v_prediction / sample / flow
+//   m = u + w (c - u) (times f_b)                       optional: classifier-free guidance
+//   x0_hat, eps_hat = predict(x_t, m)                   epsilon / v_prediction / sample / flow
 //   x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b
 //   x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t (+ c_m m) (+ c_hk Hk, k < 4) + std_ z
 //   x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat (+ xc_hk Hk)
@@ -452,7 +453,9 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
               int64_t table_col_stride, uintptr_t step, int step_dtype, int prediction,
               std::optional<double> clip_range, uintptr_t thresholds, int64_t thresholds_stride,
               bool recompute_eps, uintptr_t seed, int seed_dtype, int64_t index_offset, int var_mode,
-              double cov_max, int num_threads, int64_t run_len, int64_t run_stride) {
+              double cov_max, int num_threads, int64_t run_len, int64_t run_stride,
+              const std::optional<TensorArg>& guidance_cond, uintptr_t guidance_scale, uintptr_t guidance_factor,
+              int64_t guidance_factor_stride) {
   StepParams p;
   p.n = numel(shape);
   if (p.n == 0) return;
@@ -507,13 +510,18 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
   p.eps = make_view("eps_out", eps_out, shape);
   p.xc = make_view("xc_out", xc_out, shape);
   p.model_in = make_view("model_in_out", model_in_out, shape);
+  p.g = make_view("guidance_cond", guidance_cond, shape);
+  if (p.g && guidance_scale == 0) value_error("guidance_cond needs guidance_scale (a float32 element)");
+  if (p.g) p.guidance_scale = read_scalar<float>(guidance_scale);
+  p.guidance_factor = p.g ? reinterpret_cast<const float*>(guidance_factor) : nullptr;
+  p.guidance_factor_stride = guidance_factor_stride;
   std::vector<std::pair<const char*, const View*>> ins = {
-      {"x", &p.x}, {"model_output", &p.m}, {"aux", &p.aux}, {"noise", &p.z}};
+      {"x", &p.x}, {"model_output", &p.m}, {"aux", &p.aux}, {"noise", &p.z}, {"guidance_cond", &p.g}};
   for (int k = 0; k < p.n_hist; ++k) ins.push_back({hist_names[k], &p.h[k]});
   check_overlaps(ins, {{"out", &p.out}, {"x0_out", &p.x0}, {"eps_out", &p.eps}, {"xc_out", &p.xc},
                        {"model_in_out", &p.model_in}});
 
-  std::vector<View*> views = {&p.x, &p.m, &p.aux, &p.z, &p.out, &p.x0, &p.eps, &p.xc, &p.model_in};
+  std::vector<View*> views = {&p.x, &p.m, &p.aux, &p.z, &p.out, &p.x0, &p.eps, &p.xc, &p.model_in, &p.g};
   for (int k = 0; k < p.n_hist; ++k) views.push_back(&p.h[k]);
   bool all_dense = true;
   for (View* v : views)
@@ -521,7 +529,7 @@ void cpu_step(const std::vector<int64_t>& shape, const TensorArg& x, const Tenso
   if (!all_dense && p.noise_mode != kNoisePhilox) {
     std::vector<const std::vector<int64_t>*> strides;
     for (const auto* a : {&x, &model_output, &out}) strides.push_back(&std::get<2>(*a));
-    for (const auto* a : {&noise, &x0_out, &eps_out, &xc_out, &model_in_out})
+    for (const auto* a : {&noise, &x0_out, &eps_out, &xc_out, &model_in_out, &guidance_cond})
       if (*a) strides.push_back(&std::get<2>(**a));
     for (const auto& h : history) strides.push_back(&std::get<2>(h));
     if (p.aux) strides.push_back(&std::get<2>(*aux));
@@ -598,9 +606,12 @@ void register_cpu_step(py::module_& m) {
         py::arg("prediction"), py::arg("clip_range"), py::arg("thresholds"), py::arg("thresholds_stride"),
         py::arg("recompute_eps"), py::arg("seed"), py::arg("seed_dtype"), py::arg("index_offset"),
         py::arg("var_mode"), py::arg("cov_max"), py::arg("num_threads"), py::arg("run_len") = 0,
-        py::arg("run_stride") = 0,
+        py::arg("run_stride") = 0, py::arg("guidance_cond") = py::none(), py::arg("guidance_scale") = 0,
+        py::arg("guidance_factor") = 0, py::arg("guidance_factor_stride") = 1,
         "The fused step on raw CPU buffers (use fastdiff.step with backend='cpp'). Tensors are "
-        "(data_ptr, dtype code, strides) tuples sharing `shape`; pointers are trusted.");
+        "(data_ptr, dtype code, strides) tuples sharing `shape`; pointers are trusted. With guidance_cond "
+        "(c), model_output is u and the step uses u + w (c - u), w the float32 at guidance_scale, times "
+        "guidance_factor[b] (float32, per sample) when that pointer is not 0.");
   m.def("cpu_randn", &cpu_randn, py::arg("shape"), py::arg("out"), py::arg("seed"), py::arg("index_offset"),
         py::arg("step"), py::arg("stream"), py::arg("num_threads"), py::arg("run_len") = 0, py::arg("run_stride") = 0,
         "Fill `out` with philox.py's normals for global indices index_offset + i (row-major i), or of a "

@@ -325,10 +325,30 @@ inline const float* eps_of(const StepParams& p, const float* __restrict X, const
   return EB;
 }
 
+// Classifier-free guidance: G = U + w (C - U), then times the per-sample factor f_b (guidance
+// rescale), in the kernel's order. G is s.m, which U may be (gathered there): element i is read
+// before it is written, so U and G carry no __restrict.
+inline const float* guide(const StepParams& p, int64_t lo, int64_t len, const float* U, const float* __restrict C,
+                          float* G) {
+  const float w = p.guidance_scale;
+  for (int64_t i = 0; i < len; ++i) G[i] = U[i] + w * (C[i] - U[i]);
+  if (p.guidance_factor != nullptr) {
+    for (int64_t i = 0; i < len;) {
+      const int64_t b = (lo + i) / p.per_sample;
+      const int64_t end = std::min(len, (b + 1) * p.per_sample - lo);
+      const float f = p.guidance_factor[b * p.guidance_factor_stride];
+      for (int64_t j = i; j < end; ++j) G[j] = G[j] * f;
+      i = end;
+    }
+  }
+  return G;
+}
+
 inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s) {
   const Coef& c = p.coef;
   const float* __restrict X = load(p.x, lo, len, s.x);
-  const float* __restrict M = load(p.m, lo, len, s.m);
+  const float* __restrict M =
+      p.g ? guide(p, lo, len, load(p.m, lo, len, s.m), load(p.g, lo, len, s.g), s.m) : load(p.m, lo, len, s.m);
   float* __restrict X0 = s.x0;
   float* __restrict XS = s.xs;
   // x0_hat is needed in the buffer when written out or used by x_c; eps_hat (recomputed: the

@@ -102,6 +102,12 @@ struct StepParams {
   int64_t run_len = 0, run_stride = 0;
   View x, m, aux, z, out, x0, eps, xc, model_in;
   View h[kMaxHistory];
+  // Classifier-free guidance: m is u (the view above) + guidance_scale (c - u), c the view `g`,
+  // times guidance_factor[b * guidance_factor_stride] per sample b when that is given.
+  View g;
+  float guidance_scale = 0.0f;
+  const float* guidance_factor = nullptr;
+  int64_t guidance_factor_stride = 1;
   int n_hist = 0;
   Coef coef{};
   int prediction = kEpsilon, var_mode = kVarTable, noise_mode = kNoiseNone;
@@ -122,6 +128,7 @@ struct RandnParams {
 
 struct alignas(64) Scratch {
   float x[kChunk], m[kChunk], aux[kChunk], h[kChunk], x0[kChunk], eps[kChunk], xs[kChunk], xc[kChunk];
+  float g[kChunk];  // the conditional model output (guidance)
   float z[kChunk + 8];
   float zr[kChunk];  // a shard's normals, gathered from its runs
   uint32_t words[kChunk + 8];

@@ -51,6 +51,11 @@ def sample(model, shape: Optional[Sequence[int]] = None, *, sampler="ddim", step
       configuration, shape, dtype, device); on a non-CUDA device it runs eagerly with one warning;
     * ``shard`` (a ``fastdiff.engine.shard.Shard``): sample that part of a larger latent, with
       exactly its part of the noise (``fastdiff.distributed`` uses it).
+    * ``guidance_scale=7.5`` (and ``guidance_rescale``, phi in [0, 1], Lin et al. 2023): classifier-free
+      guidance in the fused step. The model is then called on the doubled batch [x_t; x_t] with
+      [2 batch] timesteps and must return [2 batch, ...], the unconditional outputs first (as
+      diffusers' ``noise_pred.chunk(2)``); the step uses u + w (c - u). w lives in a device
+      tensor: with ``cuda_graph=True`` a new scale replays the same graph.
 
     Other keywords go to the sampler: ``prediction_type`` ("epsilon", "v_prediction", "sample";
     "flow_prediction" on the flow path), ``eta``, ``timestep_spacing`` ("leading", "trailing",

@@ -15,7 +15,8 @@ Design (after stable-fast's graph runner, without host scalars in the key):
 
 * **Static buffers.** Each graph owns a seed tensor (int64 [1]) and the sample buffer x; the loop
   runs in place on x. A call writes the seed with ``fill_`` (a device write, no re-capture) and
-  replays.
+  replays. A guided sampler's graph also owns its guidance scale w (float32 [1]), written the same
+  way from the call's ``guidance_scale`` (or the sampler's): a new w needs no re-capture.
 * **Initial noise inside the graph.** When ``shape`` is given, x_T is drawn by
   ``fastdiff.engine.kernels.philox.randn`` from the static seed tensor as the graph's first node, so one
   call is one ``fill_`` and one replay. When ``x`` is given, it is copied into the static buffer
@@ -24,8 +25,9 @@ Design (after stable-fast's graph runner, without host scalars in the key):
   shape, dtype, device, sample_offset and the shard (the kernels take the global index of x[0]
   and a shard's runs as launch arguments), how x_T is made, the model's identity,
   ``sampler.graph_key()`` (its class, step options, coefficient table by value and held
-  callables by identity), the resolved backend and the autocast state. The seed and the values
-  of x are not in it.
+  callables by identity), the resolved backend and the autocast state. The seed, the guidance
+  scale and the values of x are not in it (whether guidance is on, and its rescale, are: they are
+  step options).
 * **Warm-up on a side stream** before capture (Triton compiles its kernels, libraries create
   their handles), then capture into a memory pool (``torch.cuda.graph_pool_handle``) shared by
   every graph of one cache. Graphs of one cache must be replayed on one stream at a time, which
@@ -156,16 +158,17 @@ def capture_failure_message(model, exc: BaseException) -> str:
 class _Graph:
     """One captured loop and its static buffers."""
 
-    __slots__ = ("graph", "x", "seed", "model", "sampler")
+    __slots__ = ("graph", "x", "seed", "model", "sampler", "scale")
 
-    def __init__(self, graph, x, seed, model, sampler):
+    def __init__(self, graph, x, seed, model, sampler, scale=None):
         self.graph, self.x, self.seed, self.model, self.sampler = graph, x, seed, model, sampler
+        self.scale = scale
 
     def release(self) -> None:
         reset = getattr(self.graph, "reset", None)
         if reset is not None:
             reset()
-        self.graph = self.x = self.seed = self.model = self.sampler = None
+        self.graph = self.x = self.seed = self.model = self.sampler = self.scale = None
 
 
 class GraphCache:
@@ -209,9 +212,12 @@ class GraphCache:
             self._pools[device] = torch.cuda.graph_pool_handle()
         return self._pools[device]
 
-    def _capture(self, sampler: Sampler, model, shape, dtype, device, sample_offset, x, shard=None) -> _Graph:
+    def _capture(self, sampler: Sampler, model, shape, dtype, device, sample_offset, x, shard=None,
+                 guidance_scale=None) -> _Graph:
         static_x = torch.empty(shape, device=device, dtype=dtype)
         seed = torch.zeros(1, dtype=torch.int64, device=device)
+        scale = None if guidance_scale is None else torch.full((1,), guidance_scale, dtype=torch.float32,
+                                                               device=device)
         if x is not None:
             static_x.copy_(x)  # warm up on real data, not on uninitialised memory
         # Tables are made on the current stream before the side stream or the capture touches them.
@@ -222,7 +228,7 @@ class GraphCache:
         def body():
             if x is None:
                 sampler.initial_noise(shape, seed, out=static_x, **noise_index)
-            sampler.loop(model, static_x, seed, sample_offset=sample_offset, shard=shard)
+            sampler.loop(model, static_x, seed, sample_offset=sample_offset, shard=shard, guidance_scale=scale)
 
         with torch.no_grad(), _on_device(device):
             _warm_up(body, device, self.warmup)  # errors here are the model's own: let them through
@@ -231,16 +237,18 @@ class GraphCache:
             except Exception as exc:
                 raise RuntimeError(capture_failure_message(model, exc)) from exc
         self.captures += 1
-        return _Graph(graph, static_x, seed, model, sampler)
+        return _Graph(graph, static_x, seed, model, sampler, scale)
 
     def run(self, sampler: Sampler, model, shape=None, *, x: Optional[torch.Tensor] = None, seed: int = 0,
             sample_offset: int = 0, shard=None, device=None, dtype: torch.dtype = torch.float32, copy: bool = True,
-            progress: bool = False, callback=None) -> torch.Tensor:
+            progress: bool = False, callback=None, guidance_scale: Optional[float] = None) -> torch.Tensor:
         """Samples as ``sampler.sample(model, shape, x=x, seed=seed, ...)`` would give them, by graph
         replay on CUDA. ``copy=False`` returns the graph's own output buffer, which the next call
-        with the same key overwrites."""
+        with the same key overwrites. ``guidance_scale``: w of a guided sampler for this call
+        (default the sampler's), written into the graph's scale tensor: no re-capture."""
         if not isinstance(sampler, Sampler):
             raise TypeError(f"sampler must be a fastdiff Sampler, got {type(sampler).__name__}")
+        w = sampler.guidance_value(guidance_scale)
         if progress or callback is not None:
             raise ValueError("progress and callback need the eager loop: a CUDA graph replays the recorded "
                              "kernels without running Python between steps; use cuda_graph=False")
@@ -255,11 +263,11 @@ class GraphCache:
                               "eagerly (same samples, no graph). This warning is shown once.",
                               GraphFallbackWarning, stacklevel=_caller_stacklevel())
             return sampler.sample(model, shape, x=x, seed=seed, sample_offset=sample_offset, shard=shard,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, guidance_scale=w)
         key = self.key(sampler, model, shape, dtype, device, sample_offset, x is not None, shard)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(sampler, model, shape, dtype, device, sample_offset, x, shard)
+            entry = self._capture(sampler, model, shape, dtype, device, sample_offset, x, shard, w)
             self._graphs[key] = entry
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)[1].release()
@@ -267,6 +275,8 @@ class GraphCache:
             self._graphs.move_to_end(key)
         with torch.no_grad(), _on_device(device):
             entry.seed.fill_(int(seed))  # a device write on the current stream: no capture, no sync
+            if entry.scale is not None:
+                entry.scale.fill_(w)
             if x is not None:
                 entry.x.copy_(x)
             entry.graph.replay()
@@ -287,7 +297,11 @@ class GraphedSampler:
     per (shape, dtype, device, sample_offset, x_T given or drawn). ``sampler`` is a Sampler or a
     name for ``fastdiff.make_sampler`` (then ``sampler_kwargs`` configure it). Use it as a context
     manager, or call ``reset()``, to free the graphs. On a non-CUDA device it runs eagerly and
-    warns once."""
+    warns once.
+
+    A guided sampler's scale w is read from a device tensor of the graph: set
+    ``runner.guidance_scale = 5.0`` (or pass ``guidance_scale=`` to one call) and the next replay
+    uses it without re-capture; ``None`` goes back to the sampler's own."""
 
     def __init__(self, sampler, model, *, warmup: int = 1, max_graphs: int = 8, pool=None, **sampler_kwargs):
         if isinstance(sampler, str):
@@ -301,12 +315,23 @@ class GraphedSampler:
         self.sampler = sampler
         self.model = model
         self.cache = GraphCache(warmup=warmup, max_graphs=max_graphs, pool=pool)
+        self._guidance_scale = None
+
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """w of the next replays (a guided sampler): the value set here, else the sampler's."""
+        return self.sampler.guidance_value(self._guidance_scale)
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: Optional[float]) -> None:
+        self._guidance_scale = None if value is None else self.sampler.guidance_value(value)
 
     def __call__(self, shape: Optional[Sequence[int]] = None, *, x: Optional[torch.Tensor] = None, seed: int = 0,
                  sample_offset: int = 0, shard=None, device=None, dtype: torch.dtype = torch.float32,
-                 copy: bool = True) -> torch.Tensor:
+                 copy: bool = True, guidance_scale: Optional[float] = None) -> torch.Tensor:
         return self.cache.run(self.sampler, self.model, shape, x=x, seed=seed, sample_offset=sample_offset,
-                              shard=shard, device=device, dtype=dtype, copy=copy)
+                              shard=shard, device=device, dtype=dtype, copy=copy,
+                              guidance_scale=self._guidance_scale if guidance_scale is None else guidance_scale)
 
     sample = __call__
 

@@ -41,6 +41,13 @@ class StepOptions:
     * ``var_mode``: "table" (the std column), "ocm" (aux = h, the covariance head),
       "learned_range" / "learned" (aux = the model's variance output).
     * ``cov_max``: upper clamp of OCM's Sigma0 (inf: none).
+    * ``guidance``: classifier-free guidance. ``step`` then reads the unconditional output
+      (``model_output``) and the conditional one (``guidance_cond``) and uses
+      m = u + w (c - u), w the device tensor ``guidance_scale``, in place of the model output.
+    * ``guidance_rescale``: phi in [0, 1] (Lin et al., 2023, "Common Diffusion Noise Schedules and
+      Sample Steps are Flawed"; diffusers' rescale_noise_cfg): m -> (phi std(c_b)/std(m_b) + 1 - phi) m
+      per sample b (std over the non-batch dims, Bessel-corrected); 0: off. Needs ``guidance``;
+      one extra pass (the stds need all of c and m).
     """
 
     prediction_type: str = "epsilon"
@@ -51,6 +58,8 @@ class StepOptions:
     recompute_eps: bool = False
     var_mode: str = "table"
     cov_max: float = 1.0
+    guidance: bool = False
+    guidance_rescale: float = 0.0
 
     def __post_init__(self):
         check_prediction(self.prediction_type)
@@ -65,9 +74,13 @@ class StepOptions:
             raise ValueError(f"var_mode must be one of {VAR_MODES}, got {self.var_mode!r}")
         object.__setattr__(self, "cov_max", check_real("cov_max (inf for no cap)", self.cov_max, 0, lo_open=True,
                                                        allow_inf=True))
-        for name in ("thresholding", "recompute_eps"):
+        for name in ("thresholding", "recompute_eps", "guidance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        object.__setattr__(self, "guidance_rescale", check_real("guidance_rescale", self.guidance_rescale, 0, 1))
+        if self.guidance_rescale and not self.guidance:
+            raise ValueError(f"guidance_rescale={self.guidance_rescale:g} rescales a guided model output: it "
+                             "needs guidance=True (or guidance_rescale=0)")
 
 
 DEFAULT_OPTIONS = StepOptions()
@@ -182,6 +195,32 @@ def _check_index(name, t, device):
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
+def _check_guidance(options, model_output, cond, scale, device, wide) -> torch.Tensor:
+    """Validate the guidance inputs of one step; returns the scale in the step's precision."""
+    if not options.guidance:
+        raise ValueError("guidance_cond / guidance_scale were given but options.guidance is False: pass "
+                         "guidance=True (StepOptions(guidance=True, ...)) to guide, or neither tensor")
+    if cond is None or scale is None:
+        raise ValueError("guidance=True needs guidance_cond (the conditional model output; model_output is the "
+                         "unconditional one) and guidance_scale (a one-element float32 tensor on x's device)")
+    if isinstance(cond, torch.Tensor) and cond.shape != model_output.shape:
+        raise ValueError(f"model_output (the unconditional output) and guidance_cond (the conditional one) must "
+                         f"have the same shape, got {tuple(model_output.shape)} and {tuple(cond.shape)}")
+    _check_tensor("guidance_cond", cond, model_output.shape, device, wide)
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
+        got = (f"a tensor of shape {tuple(scale.shape)} and {scale.dtype}" if isinstance(scale, torch.Tensor)
+               else type(scale).__name__)
+        raise ValueError(f"guidance_scale must be a one-element floating-point tensor on x's device (the kernel "
+                         f"reads it, so a new scale needs no CUDA-graph re-capture), got {got}")
+    if scale.device != device:
+        raise ValueError(f"guidance_scale must be on x's device {device}, got {scale.device}")
+    if options.guidance_rescale and (model_output.dim() == 0 or math.prod(model_output.shape[1:]) < 2):
+        raise ValueError(f"guidance_rescale needs a batch dimension and at least 2 elements per sample (a std "
+                         f"with Bessel's correction), got shape {tuple(model_output.shape)}")
+    want = torch.float64 if wide else torch.float32
+    return scale if scale.dtype == want else scale.to(want)
+
+
 def _as_device_table(table, device, wide) -> tuple:
     """(the table tensor the step reads, the Table or None)."""
     dtype = torch.float64 if wide else torch.float32
@@ -197,19 +236,40 @@ def _as_device_table(table, device, wide) -> tuple:
     return table.to(dtype).contiguous(), None
 
 
-def dynamic_thresholds(x, model_output, table: torch.Tensor, index, options: StepOptions) -> torch.Tensor:
+def dynamic_thresholds(x, model_output, table: torch.Tensor, index, options: StepOptions, *,
+                       guidance_cond=None, guidance_scale=None, guidance_factor=None) -> torch.Tensor:
     """Per-sample dynamic-thresholding values s_b: the ``dynamic_thresholding_ratio`` quantile of
     |x0_hat| over each sample, clamped to [1, sample_max_value]; [B], float32 (float64 for
     float64 samples). x0_hat is computed in the table's precision from upcast inputs, so half
-    precision inputs do not move s by their rounding."""
+    precision inputs do not move s by their rounding; with guidance, from the guided output."""
     wide = table.dtype == torch.float64 and x.dtype == torch.float64
-    plain = StepOptions(prediction_type=options.prediction_type)
+    plain = StepOptions(prediction_type=options.prediction_type, guidance=guidance_cond is not None)
     xf = x if wide or x.dtype == torch.float32 else x.float()
     mf = model_output if wide or model_output.dtype == torch.float32 else model_output.float()
-    _, x0, _, _ = _fused.reference(xf, mf, table, index, plain)
+    _, x0, _, _ = _fused.reference(xf, mf, table, index, plain, guidance_cond=guidance_cond,
+                                   guidance_scale=guidance_scale, guidance_factor=guidance_factor)
     flat = x0.reshape(x0.shape[0], -1).abs()
     s = quantile_rows(flat, options.dynamic_thresholding_ratio)
     return s.clamp(min=1.0, max=options.sample_max_value)
+
+
+def guidance_factors(model_output, guidance_cond, guidance_scale, rescale: float) -> torch.Tensor:
+    """Per-sample guidance-rescale factors f_b = phi std(c_b) / std(m_b) + (1 - phi) with
+    m = u + w (c - u) (``model_output`` u, ``guidance_cond`` c, ``guidance_scale`` w, ``rescale`` phi;
+    std over each sample's elements with Bessel's correction, as diffusers' rescale_noise_cfg), so
+    that f_b m is diffusers' phi m std(c)/std(m) + (1 - phi) m. [B], float32 (float64 when u is);
+    computed on the device (no host sync) from upcast inputs.
+
+    Each std is two passes, the row mean and then the norm of the deviations (Bessel's n - 1 being
+    the same factor in both stds, it cancels in the ratio): torch.std's single-pass loop is ~20x
+    slower on a CPU (1.35 ms against 60 us for one [16, 16384] float32 std, one thread)."""
+    cdt = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+    u = model_output.to(cdt).reshape(model_output.shape[0], -1)
+    c = guidance_cond.to(cdt).reshape(u.shape)
+    m = torch.lerp(u, c, guidance_scale.to(cdt).reshape(()))  # u + w (c - u), one pass
+    std_m = torch.linalg.vector_norm(m.sub_(m.mean(dim=1, keepdim=True)), dim=1)
+    std_c = torch.linalg.vector_norm(c - c.mean(dim=1, keepdim=True), dim=1)
+    return std_c.div_(std_m).mul_(rescale).add_(1.0 - rescale)
 
 
 # torch.quantile refuses rows longer than this ("quantile() input tensor is too large").
@@ -251,6 +311,8 @@ def step(
     aux: Optional[torch.Tensor] = None,
     history: Sequence[torch.Tensor] = (),
     thresholds: Optional[torch.Tensor] = None,
+    guidance_cond: Optional[torch.Tensor] = None,
+    guidance_scale: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     x0_out: Optional[torch.Tensor] = None,
     eps_out: Optional[torch.Tensor] = None,
@@ -279,6 +341,12 @@ def step(
     * ``aux``: the OCM head's h or the model's variance output (var_mode other than "table").
     * ``history``: up to four tensors H0..H3 added with the row's c_h0..c_h3 (multistep solvers).
     * ``thresholds``: explicit per-sample s_b [B]; computed when options.thresholding.
+    * ``guidance_cond``, ``guidance_scale`` (with options.guidance): classifier-free guidance.
+      ``model_output`` is the unconditional output u and ``guidance_cond`` the conditional c (the
+      two halves of a model's doubled batch, ``out[:B]`` and ``out[B:]``: views, no copy);
+      ``guidance_scale`` is w as a one-element float tensor on the device. The step reads u and c
+      and uses m = u + w (c - u) (times the per-sample factor of options.guidance_rescale) for
+      everything that reads the model output, c_m m included.
     * ``out`` may be ``x`` (in place); ``x0_out`` receives x0_hat, ``eps_out`` eps_hat,
       ``model_in_out`` c_in * x_s, ``xc_out`` the second combination of the same inputs
       x_c = xc_xt x_t + xc_x0 x0_hat + xc_eps eps_hat + sum_k xc_hk Hk (UniPC's corrected sample).
@@ -312,6 +380,8 @@ def step(
             raise ValueError(f"var_mode={options.var_mode!r} needs aux (the "
                              f"{'covariance head' if options.var_mode == 'ocm' else 'variance'} output)")
         _check_tensor("aux", aux, shape, device, wide)
+    if options.guidance or guidance_cond is not None or guidance_scale is not None:
+        guidance_scale = _check_guidance(options, model_output, guidance_cond, guidance_scale, device, wide)
     if len(history) > _fused.MAX_HISTORY:
         raise ValueError(f"history holds at most {_fused.MAX_HISTORY} tensors (columns "
                          f"{', '.join(_fused.HISTORY_COLUMNS)}), got {len(history)}")
@@ -331,8 +401,8 @@ def step(
         _check_output(name, t, shape, device, wide)
     if outputs:
         inputs = [("x", x), ("model_output", model_output)]
-        inputs += [(name, t) for name, t in (("noise", noise), ("aux", aux), ("thresholds", thresholds))
-                   if t is not None]
+        inputs += [(name, t) for name, t in (("noise", noise), ("aux", aux), ("thresholds", thresholds),
+                                             ("guidance_cond", guidance_cond)) if t is not None]
         inputs += [(f"history[{j}]", h) for j, h in enumerate(history)]
         _check_aliasing(outputs, inputs)
     if options.thresholding and len(shape) < 1:
@@ -353,8 +423,14 @@ def step(
                          f"elements per sample (index_offset {index_offset}, index_run {index_run})")
     if not wide and table_obj is not None:
         _check_precision(table_obj, options)
+    guide = {}
+    if options.guidance:
+        factor = None
+        if options.guidance_rescale:  # the per-sample stds first: one pass over u and c, no host sync
+            factor = guidance_factors(model_output, guidance_cond, guidance_scale, options.guidance_rescale)
+        guide = dict(guidance_cond=guidance_cond, guidance_scale=guidance_scale, guidance_factor=factor)
     if options.thresholding and thresholds is None:
-        thresholds = dynamic_thresholds(x, model_output, tab, index, options)
+        thresholds = dynamic_thresholds(x, model_output, tab, index, options, **guide)
 
     chosen = table_obj.backend(device, backend) if table_obj is not None else resolve(backend, device)
     used = table_obj.used if table_obj is not None else None
@@ -368,14 +444,14 @@ def step(
         _cpu.launch(x, model_output, tab, index, options, thresholds=thresholds,
                     noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
                     history=tuple(history), out=out, x0_out=x0_out, eps_out=eps_out, xc_out=xc_out,
-                    model_in_out=model_in_out)
+                    model_in_out=model_in_out, **guide)
         return (out, x0_out) if return_x0 else out
     if wide or chosen == "torch":
         x_s, x0, model_in, extra = _fused.reference(
             x, model_output, tab, index.clamp(0, tab.shape[0] - 1), options, used=used, thresholds=thresholds,
             noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux, history=history,
             need_x0=return_x0 or x0_out is not None, need_eps=eps_out is not None, need_xc=xc_out is not None,
-            need_model_in=model_in_out is not None)
+            need_model_in=model_in_out is not None, **guide)
         if out is not None:
             out.copy_(x_s)
             x_s = out
@@ -399,5 +475,5 @@ def step(
     _fused.launch(x, model_output, tab, index, options, n_rows=tab.shape[0], used=used, thresholds=thresholds,
                   noise=noise, seed=seed, index_offset=index_offset, index_run=index_run, aux=aux,
                   history=tuple(history), out=out, x0_out=x0_out, eps_out=eps_out, xc_out=xc_out,
-                  model_in_out=model_in_out)
+                  model_in_out=model_in_out, **guide)
     return (out, x0_out) if return_x0 else out

@@ -3,7 +3,7 @@
 The same update as the Triton kernel (fastdiff/engine/kernels/fused_step.py, whose docstring has
 the equations): prediction types incl. flow_prediction, clip / thresholds / recompute-eps, the
 four variance modes, history slots (c_h0..c_h3), x0_out, eps_out, the corrected sample xc_out (xc_*
-columns) and the next model input (c_in). The raw
+columns), the next model input (c_in) and classifier-free guidance (u, c, w, rescale factors). The raw
 model-output term c_m (flow Euler) and a shard's runs of global indices (index_run) too.
 
 One pass over memory: each input element is read once and each output written once, with the
@@ -33,10 +33,12 @@ assert set(_VAR_CODES) == set(VAR_MODES), "csrc/cpu_step.cpp and fused_step.py d
 
 
 def launch(x, model_output, table, step, options, *, thresholds=None, noise=None, seed=None, index_offset=0,
-           index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None, model_in_out=None):
+           index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None, model_in_out=None,
+           guidance_cond=None, guidance_scale=None, guidance_factor=None):
     """The fused C++ step on CPU tensors ``fastdiff.engine.step`` has validated (the same inputs as
     fused_step.launch, ``index_run`` a shard's (length, stride) runs; ``step`` any row index: the
-    C++ side reads the nearest row, as the kernel does). Writes ``out`` (may be x)."""
+    C++ side reads the nearest row, as the kernel does; ``guidance_scale`` and ``guidance_factor``
+    float32). Writes ``out`` (may be x)."""
     if thresholds is not None and thresholds.dtype != torch.float32:
         thresholds = thresholds.float()
     pred = "flow" if options.prediction_type == "flow_prediction" else options.prediction_type
@@ -50,7 +52,10 @@ def launch(x, model_output, table, step, options, *, thresholds=None, noise=None
         bool(options.recompute_eps), 0 if seed is None else seed.data_ptr(),
         DTYPE_CODES[seed.dtype] if seed is not None else 0, int(index_offset),
         _VAR_CODES[options.var_mode], float(options.cov_max), torch.get_num_threads(),
-        *(index_run if index_run is not None else (0, 0)))
+        *(index_run if index_run is not None else (0, 0)), guidance_cond=tensor_arg(guidance_cond),
+        guidance_scale=0 if guidance_scale is None else guidance_scale.data_ptr(),
+        guidance_factor=0 if guidance_factor is None else guidance_factor.data_ptr(),
+        guidance_factor_stride=1 if guidance_factor is None else guidance_factor.stride(0))
     return out
 
 

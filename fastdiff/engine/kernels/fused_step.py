@@ -1,7 +1,8 @@
 """The one fused solver step. Every sampler is a row of coefficients read from a device table
 (csrc/columns.h names the columns; docs/design.md derives them):
 
-    x0_hat, eps_hat = predict(x_t, model_output)     # epsilon / v_prediction / sample / flow_prediction
+    m = u + w (c - u)   (times f_b)                    # optional: classifier-free guidance
+    x0_hat, eps_hat = predict(x_t, m)                  # epsilon / v_prediction / sample / flow_prediction
     x0_hat = clamp(x0_hat, -r, r)  or  clamp(x0_hat, -s_b, s_b) / s_b   (dynamic thresholding)
     x_s = c_x0 x0_hat + c_eps eps_hat + c_xt x_t + c_m m + sum_k c_hk Hk + std_ z
     model_in = c_in x_s                                  (optional: the next model input, scaled)
@@ -10,7 +11,10 @@
 with ``std_`` the table's std (var mode "table"), sqrt(min(std^2 + c_cov^2 Sigma0, var_max)) with
 the OCM posterior variance Sigma0 = clamp(cov_scale (1 + h), 0, cov_max) ("ocm"), or the model's
 learned variance ("learned_range": log-space interpolation, "learned": the variance itself).
-m is the model output as it came (flow Euler is x_t + (sigma_s - sigma_t) u, computed in that form);
+m is the model output as it came (flow Euler is x_t + (sigma_s - sigma_t) u, computed in that form), or
+with guidance the combination of the unconditional output u (``model_output``) and the conditional
+c (``guidance_cond``) with the scale w read from device memory, times a per-sample rescale factor
+f_b computed before the step (``step.guidance_factors``), before anything else reads it;
 H0..H3 are history tensors a multistep solver keeps; x0_hat and eps_hat can be written out for the
 next step, and x_c, the second combination of the same inputs, is the corrected sample UniPC's
 corrector produces (its predictor's x_s is computed from the same loads, in the same pass).
@@ -40,7 +44,7 @@ NOISE_MODES = {"none": 0, "tensor": 1, "philox": 2, "philox_run": 3}
 # The tensors a step reads or writes, in the order of the kernel's pointer arguments and of the
 # rows of its stride table.
 TENSORS = ("x", "model_output", "aux", "noise", "h0", "h1", "h2", "h3", "out", "x0_out", "eps_out", "xc_out",
-           "model_in_out")
+           "model_in_out", "guidance_cond")
 HISTORY_COLUMNS = ("c_h0", "c_h1", "c_h2", "c_h3")
 XC_COLUMNS = ("xc_xt", "xc_x0", "xc_eps", "xc_h0", "xc_h1", "xc_h2", "xc_h3")
 MAX_HISTORY = len(HISTORY_COLUMNS)
@@ -92,6 +96,7 @@ if triton is not None:
     T_EPS = tl.constexpr(10)
     T_XC = tl.constexpr(11)
     T_IN = tl.constexpr(12)
+    T_G = tl.constexpr(13)
 
     @triton.jit
     def _offsets(local, dims_ptr, strides_ptr, WHICH: tl.constexpr, STRIDED: tl.constexpr):
@@ -127,12 +132,13 @@ if triton is not None:
 
     @triton.jit
     def _fused_step_kernel(
-        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, out_ptr, x0_ptr, eps_ptr, xc_ptr, in_ptr,
-        thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr,
+        x_ptr, m_ptr, aux_ptr, z_ptr, h0_ptr, h1_ptr, h2_ptr, h3_ptr, out_ptr, x0_ptr, eps_ptr, xc_ptr, in_ptr, g_ptr,
+        thr_ptr, table_ptr, step_ptr, seed_ptr, layout_ptr, gs_ptr, gf_ptr,
         n, g_base, per_sample, clip_range, cov_max, n_rows, run_len, run_stride,
         PRED: tl.constexpr, CLIP: tl.constexpr, THRESH: tl.constexpr, RECOMPUTE_EPS: tl.constexpr,
         NOISE: tl.constexpr, VAR_MODE: tl.constexpr, RAW_M: tl.constexpr, N_HIST: tl.constexpr, WRITE_X0: tl.constexpr,
         WRITE_EPS: tl.constexpr, WRITE_XC: tl.constexpr, WRITE_IN: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
+        GUIDE: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         # int64 offsets: tensors past 2**31 elements (invariant 6 of docs/design.md).
@@ -156,6 +162,11 @@ if triton is not None:
 
         x = tl.load(x_ptr + _offsets(local, dims, strides, T_X, STRIDED), mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + _offsets(local, dims, strides, T_M, STRIDED), mask=mask, other=0.0).to(tl.float32)
+        if GUIDE != 0:  # classifier-free guidance: m = u + w (c - u), GUIDE 2 times the rescale factor f_b
+            c = tl.load(g_ptr + _offsets(local, dims, strides, T_G, STRIDED), mask=mask, other=0.0).to(tl.float32)
+            m = m + tl.load(gs_ptr).to(tl.float32) * (c - m)
+            if GUIDE == 2:
+                m = m * tl.load(gf_ptr + local // per_sample, mask=mask, other=1.0).to(tl.float32)
 
         if PRED == 0:  # epsilon
             x0 = (x - b_t * m) / a_t
@@ -314,7 +325,7 @@ def _layout_tensor(shape, tensors, device) -> torch.Tensor:
 
 def launch(x, model_output, table, step, options, *, n_rows, used=None, thresholds=None, noise=None, seed=None,
            index_offset=0, index_run=None, aux=None, history=(), out, x0_out=None, eps_out=None, xc_out=None,
-           model_in_out=None):
+           model_in_out=None, guidance_cond=None, guidance_scale=None, guidance_factor=None):
     """Launch the kernel on inputs ``fastdiff.engine.step`` has validated: every tensor of x's
     shape S (any strides, rank <= 4 when not contiguous), ``table`` [K, NCOL] float32 contiguous
     on x's device, ``step`` and ``seed`` one-element int tensors there, ``thresholds`` [B]
@@ -322,15 +333,16 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     (length, stride): x's elements are runs of that many global indices, stride apart (a slice of
     a larger tensor; philox.check_index_run), ``n_rows`` = K (the kernel clamps the row index
     into [0, K)), ``used`` the columns non-zero in some row (None: all; the kernel skips the load
-    and multiply of c_m when unused), ``history`` up to MAX_HISTORY tensors. Writes ``out`` (may be
-    x) and the optional outputs."""
+    and multiply of c_m when unused), ``history`` up to MAX_HISTORY tensors, ``guidance_cond`` c of
+    x's shape with ``guidance_scale`` w (one float32 element on the device) and ``guidance_factor``
+    f [B] float32 or None. Writes ``out`` (may be x) and the optional outputs."""
     shape = tuple(x.shape)
     n = x.numel()
     if n == 0:
         return out
     hist = tuple(history) + (None,) * (MAX_HISTORY - len(history))
-    tensors = (x, model_output, aux, noise) + hist + (out, x0_out, eps_out, xc_out, model_in_out)
-    n_in = 4 + MAX_HISTORY
+    tensors = (x, model_output, aux, noise) + hist + (out, x0_out, eps_out, xc_out, model_in_out, guidance_cond)
+    n_in, n_out = 4 + MAX_HISTORY, 5  # guidance_cond, an input, comes last (TENSORS order)
     strided = False
     for t in tensors:  # a plain loop: a generator costs ~2 us a call here
         if t is not None and not t.is_contiguous():
@@ -344,12 +356,14 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     if strided and len(shape) > 4:
         # More than 4 dimensions and not contiguous: run on contiguous copies.
         ins = [t.contiguous() if t is not None else None for t in tensors[:n_in]]
-        outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[n_in:]]
+        outs = [t if t is None or t.is_contiguous() else torch.empty_like(ins[0]) for t in tensors[n_in:n_in + n_out]]
         launch(ins[0], ins[1], table, step, options, n_rows=n_rows, used=used, thresholds=thresholds, noise=ins[3],
                seed=seed, index_offset=index_offset, index_run=index_run, aux=ins[2],
                history=tuple(t for t in ins[4:n_in] if t is not None),
-               out=outs[0], x0_out=outs[1], eps_out=outs[2], xc_out=outs[3], model_in_out=outs[4])
-        for final, tmp in zip(tensors[n_in:], outs):
+               out=outs[0], x0_out=outs[1], eps_out=outs[2], xc_out=outs[3], model_in_out=outs[4],
+               guidance_cond=guidance_cond.contiguous() if guidance_cond is not None else None,
+               guidance_scale=guidance_scale, guidance_factor=guidance_factor)
+        for final, tmp in zip(tensors[n_in:n_in + n_out], outs):
             if final is not None and final is not tmp:
                 final.copy_(tmp)
         return out
@@ -363,6 +377,7 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
     _fused_step_kernel[grid](
         *[t if t is not None else dummy for t in tensors],
         thresholds if thresholds is not None else dummy, table, step, seed if seed is not None else step, layout,
+        *(t if t is not None else dummy for t in (guidance_scale, guidance_factor)),
         n, index_offset - shift, per_sample, float(options.clip_range or 1.0), float(options.cov_max), n_rows,
         index_run[0] if run else 1, index_run[1] if run else 1,
         PRED=PREDICTION_CODES[options.prediction_type], CLIP=options.clip_range is not None,
@@ -372,7 +387,8 @@ def launch(x, model_output, table, step, options, *, n_rows, used=None, threshol
         WRITE_X0=x0_out is not None, WRITE_EPS=eps_out is not None, WRITE_XC=xc_out is not None,
         WRITE_IN=model_in_out is not None,
         STRIDED=(2 if _fits_int32(tensors, n + block) else 1) if strided else 0,
-        BLOCK=block, SHIFT=shift, num_warps=warps,
+        BLOCK=block, SHIFT=shift, GUIDE=0 if guidance_cond is None else 1 if guidance_factor is None else 2,
+        num_warps=warps,
     )
     return out
 
@@ -392,18 +408,23 @@ def _launch_config(n: int):
 
 def reference(x, model_output, table, step, options, *, used=None, thresholds=None, noise=None, seed=None,
               index_offset=0, index_run=None, aux=None, history=(), need_x0=True, need_eps=False, need_xc=False,
-              need_model_in=False):
+              need_model_in=False, guidance_cond=None, guidance_scale=None, guidance_factor=None):
     """Plain-torch version of the kernel, in float32 (float64 if the table is float64).
     ``used``: the names of the columns that are non-zero in some row (None: all); the terms of
     the others are skipped (a flow Euler step is then x_t + c_m m, two passes instead of eight).
     Returns (x_s, x0_hat or None, model_in or None, extra) in x's dtype, ``extra`` holding "eps"
-    (eps_hat) with ``need_eps`` and "xc" (the corrected sample x_c) with ``need_xc``. No host sync: the step row is
-    gathered on the device and every coefficient stays a 0-d tensor."""
+    (eps_hat) with ``need_eps`` and "xc" (the corrected sample x_c) with ``need_xc``. With ``guidance_cond``
+    the model output is u + w (c - u) (times ``guidance_factor`` [B] when given), as in the kernel. No host
+    sync: the step row is gathered on the device and every coefficient stays a 0-d tensor."""
     cdt = torch.float64 if table.dtype == torch.float64 else torch.float32
     # One gather and one unbind: indexing a tensor costs ~3 us a column, a tuple nothing.
     row = table.to(cdt).index_select(0, step.reshape(1).long()).reshape(NCOL).unbind(0)
     a_t, b_t, c_x0, c_eps, c_xt, std = (row[COL[k]] for k in ("a_t", "b_t", "c_x0", "c_eps", "c_xt", "std"))
     xf, m = x.to(cdt), model_output.to(cdt)
+    if guidance_cond is not None:  # before anything reads m, in the kernel's order
+        m = m + guidance_scale.to(cdt).reshape(()) * (guidance_cond.to(cdt) - m)
+        if guidance_factor is not None:
+            m = m * guidance_factor.to(cdt).reshape((-1,) + (1,) * (x.dim() - 1))
 
     def on(name):  # a column that is 0 in every row of the table adds nothing: skip its pass
         return used is None or name in used
