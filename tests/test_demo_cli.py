@@ -88,7 +88,8 @@ def test_image_grid_layout():
         demo.image_grid(torch.zeros(2, 3, 8, 8))
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 6), ("ocm-ddpm", 5), ("student", 2), ("consistency", 2)])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 6), ("ocm-ddpm", 5), ("student", 2), ("consistency", 2),
+                                           ("dpmpp-2m", 5), ("unipc", 6), ("euler", 5)])
 def test_demo_sampling_is_deterministic(sampler, steps):
     a = demo.sample(sampler, steps, 6, seed=3)
     b = demo.sample(sampler, steps, 6, seed=3)
@@ -161,7 +162,7 @@ def test_console_entry_point_runs():
 @pytest.mark.parametrize("args, message", [
     (["sample", "--steps", "0"], "--steps must be in [1, 1000], got 0"),
     (["sample", "--steps", "ten"], "--steps must be an integer"),
-    (["sample", "--sampler", "euler"], "invalid choice: 'euler'"),
+    (["sample", "--sampler", "heun"], "invalid choice: 'heun'"),
     (["sample", "--sampler", "student", "--steps", "3"], "trained for [2, 4] steps only, got steps=3"),
     (["sample", "--eta", "-1"], "--eta must be a finite number >= 0"),
     (["sample", "--sampler", "ddpm", "--eta", "0.5"], "eta applies to the DDIM samplers only"),
