@@ -230,7 +230,8 @@ def combined(model, w, rescale):
     return run
 
 
-SAMPLERS = [("ddim", dict(eta=0.4)), ("dpmpp-2m", {}), ("euler", {}), ("flow-euler", {})]
+SAMPLERS = [("ddim", dict(eta=0.4)), ("dpmpp-2m", {}), ("euler", {}), ("flow-euler", {}), ("unipc", dict(solver_order=3)),
+            ("flow-unipc", dict(schedule=dict(shift=5.0)))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
