@@ -395,3 +395,21 @@ def test_no_host_sync_per_step(request):
     for t in ts:
         x = f.step(x * 0.1, t, x).prev_sample
     assert reads.stop() == []
+
+
+def test_custom_flow_sigmas_and_dynamic_shifting():
+    """set_timesteps(sigmas=...) (flow sigmas only, as diffusers) and mu with use_dynamic_shifting."""
+    sig = np.linspace(1.0, 0.05, 9)
+    for cfg, kw in ((dict(use_flow_sigmas=True, prediction_type="flow_prediction"), dict(sigmas=sig)),
+                    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True),
+                     dict(num_inference_steps=7, mu=0.8))):
+        r, f = Ref(**cfg), Fast(**cfg)
+        r.set_timesteps(**kw)
+        f.set_timesteps(**kw)
+        assert torch.equal(r.sigmas, f.sigmas) and torch.equal(r.timesteps, f.timesteps)
+        x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
+        xr, xf = x.clone(), x.clone()
+        for t in r.timesteps:
+            xr = r.step(model(xr, t), t, xr).prev_sample
+            xf = f.step(model(xf, t), t, xf).prev_sample
+        assert float((xr - xf).abs().max() / xr.abs().max().clamp_min(1)) < TOL
