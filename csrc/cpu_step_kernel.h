@@ -363,6 +363,12 @@ inline void step_chunk(const StepParams& p, int64_t lo, int64_t len, Scratch& s)
     predict_clip_combine(p, lo, len, X, M, s);
   }
   const float* E = (p.eps || p.xc) ? eps_of(p, X, M, X0, s.eps, len) : nullptr;
+  if (p.eps && E == M && M != s.m) {
+    // eps_hat is the model output itself, read in place: keep a copy, since an output may be the
+    // model output (in place) and is stored before eps_out.
+    std::memcpy(s.eps, M, static_cast<size_t>(len) * sizeof(float));
+    E = s.eps;
+  }
   if (c.c_m != 0.0f) {  // the raw model-output term (flow Euler: x_t + (sigma_s - sigma_t) u), product then sum
     const float cm = c.c_m;
     for (int64_t i = 0; i < len; ++i) XS[i] = XS[i] + cm * M[i];

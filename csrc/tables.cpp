@@ -535,9 +535,10 @@ UniUpdate uni_update(const std::vector<PathPoint>& pts, size_t s0, size_t t, int
 // into M_i (x0_hat, or eps_hat with predict_x0 false; thresholded as diffusers does), corrects
 // the sample at i with UniC (order of step i - 1's predictor) unless disabled, and predicts the
 // sample at i + 1 with UniP, in one combination of the same inputs:
-//   history H0, H1, H2 = M_{i-1}, M_{i-2}, M_{i-3}, and with `corrected_input` H3 = the corrected
-//   sample of step i - 1, whose own correction x_c the row writes (xc_* columns): diffusers'
-//   last_sample, exactly, whatever a caller does to the samples between steps (the drop-in).
+//   history H0 .. H_{p-1} = M_{i-1} .. M_{i-p} (p = solver_order), and with `corrected_input`
+//   H_p = the corrected sample of step i - 1, whose own correction x_c the row writes (xc_*
+//   columns): diffusers' last_sample, exactly, whatever a caller does to the samples between
+//   steps (the drop-in). A row reads at most p + 1 tensors.
 // Without `corrected_input` the correction is expressed from x_t itself: x_t is the previous
 // predictor's output, and UniC and that UniP share their base terms, so
 //   x_c = x_t + c_new M_i + sum_k (cm_C[k] - cm_P[k]) M_{i-1-k}
@@ -586,7 +587,7 @@ py::array_t<double> unipc_table(const DoubleArray& sigmas_in, const DoubleArray&
       for (int j = 0; j < pc; ++j) xc_h[j] = c.cm[j];
       if (corrected_input) {
         xc_xt = 0.0;
-        xc_h[3] = c.base_x;
+        xc_h[order] = c.base_x;  // the slot after the predictions
       } else {
         const UniUpdate p = uni_update(pts, i - 1, i, pc, false, bh2, predict_x0);
         for (int j = 0; j < pc; ++j) xc_h[j] -= p.cm[j];
@@ -641,7 +642,7 @@ void register_tables(py::module_& m) {
         py::arg("disable_corrector") = std::vector<int64_t>{}, py::arg("predict_x0") = true, py::arg("begin") = 0,
         py::arg("corrected_input") = false,
         "UniPC predictor-corrector table [K, NCOL]; corrected_input: the corrector reads the previous corrected "
-        "sample (H3) and writes its own (xc_* columns), as diffusers' last_sample.");
+        "sample (history slot solver_order) and writes its own (xc_* columns), as diffusers' last_sample.");
   m.def("second_to_last_var_cap", &second_to_last_var_cap, py::arg("clip_pixels"),
         "OCM's variance cap of the second-to-last step for a clip of clip_pixels 8-bit pixel widths.");
 }

@@ -101,7 +101,7 @@ def test_general_row_with_history_and_next_input(dtype, pred, n_hist):
 @pytest.mark.parametrize("backend", ["triton", "torch", "cpp"])
 def test_corrected_sample_alone_in_place_and_strided(backend):
     """x_c without x0_out (the loops must still form x0_hat), written over the history tensor it
-    reads (UniPC's drop-in keeps the corrected sample in place), on transposed inputs."""
+    reads (in place is allowed: element i is read before it is written), on transposed inputs."""
     gen = torch.Generator().manual_seed(11)
     table = random_table(3, gen)
     x = torch.randn(4, 6, 5, generator=gen).transpose(1, 2)
@@ -138,6 +138,10 @@ def test_out_of_range_row_reads_the_nearest_row(backend):
     last = step(x, m, table, torch.tensor([2]), backend=backend)
     assert torch.equal(step(x, m, table, torch.tensor([-4]), backend=backend), first)
     assert torch.equal(step(x, m, table, torch.tensor([99], dtype=torch.int32), backend=backend), last)
+    # with dynamic thresholding too (its per-sample quantile reads the same nearest row)
+    thr = dict(prediction_type="sample", thresholding=True, sample_max_value=1.5)
+    assert torch.equal(step(x, m, table, torch.tensor([99]), backend=backend, **thr),
+                       step(x, m, table, torch.tensor([2]), backend=backend, **thr))
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -267,3 +271,18 @@ def test_every_built_in_sampler_is_known_after_import_fastdiff():
                            "flow-dpmpp-2m", "flow-dpmpp-2m-sde", "flow-euler", "flow-stochastic", "flow-unipc", "ocm-ddim", "ocm-ddpm",
                            "ocm-flow", "unipc"]
     assert dropins == "False"  # import fastdiff does not pull diffusers in
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "cpp"])
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+def test_out_in_place_on_the_model_output_with_x0_and_eps_out(backend, pred):
+    """out = model_output (an exact alias, allowed) with x0_out and eps_out: eps_hat (epsilon) or
+    x0_hat (sample) is the model output itself, and must be kept before out overwrites it."""
+    gen = torch.Generator().manual_seed(13)
+    table = random_table(2, gen)
+    x, m = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    want, want_x0, _, want_eps, _ = f64_general(x, m, [], None, table[1], pred)
+    mm, x0, eps = m.clone(), torch.empty_like(x), torch.empty_like(x)
+    step(x, mm, table.float(), torch.tensor([1]), prediction_type=pred, out=mm, x0_out=x0, eps_out=eps,
+         backend=backend)
+    assert rel_err(mm, want) < 2e-5 and rel_err(x0, want_x0) < 2e-5 and rel_err(eps, want_eps) < 2e-5

@@ -48,6 +48,7 @@ def loops(cfg, steps, *, dtype=torch.float32, backend=None, begin=None, shape=(2
         if edit is not None:
             xr, xf = edit(xr, j), edit(xf, j)
     assert f.step_index == r.step_index and f.lower_order_nums == r.lower_order_nums
+    assert not f._fd.handed_over  # the fused step ran every step (edited latents are not edited state)
     return worst
 
 
@@ -413,3 +414,70 @@ def test_custom_flow_sigmas_and_dynamic_shifting():
             xr = r.step(model(xr, t), t, xr).prev_sample
             xf = f.step(model(xf, t), t, xf).prev_sample
         assert float((xr - xf).abs().max() / xr.abs().max().clamp_min(1)) < TOL
+
+
+def test_state_attributes_and_a_pipeline_that_edits_them():
+    """model_outputs, last_sample, this_order and lower_order_nums are diffusers' after every
+    step (views of the fused step's buffers). A pipeline that slices them mid-loop (ChronoEdit
+    keeps frames [0, -1] of the latents and of that state) or changes the latents' batch or dtype
+    gets diffusers' own step from then on, from that state: the same samples as diffusers."""
+    cfg = dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction", solver_order=3)
+    runs = {}
+    for cls in (Ref, Fast):
+        s = cls(**cfg)
+        s.set_timesteps(8)
+        lat = torch.randn(1, 2, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(s.timesteps):
+            if i == 3:  # ChronoEdit's loop body
+                lat = lat[:, :, [0, -1]]
+                s.model_outputs = [mo[:, :, [0, -1]] if mo is not None else None for mo in s.model_outputs]
+                s.last_sample = s.last_sample[:, :, [0, -1]]
+            lat = s.step(model(lat, t), t, lat).prev_sample
+            if i == 1:
+                state = (s.this_order, s.lower_order_nums, [mo is not None for mo in s.model_outputs],
+                         s.last_sample.clone(), [mo.clone() for mo in s.model_outputs if mo is not None])
+                runs.setdefault("state", []).append(state)
+        runs[cls] = lat
+    (a, b) = runs["state"]
+    assert a[:3] == b[:3]
+    assert float((a[3] - b[3]).abs().max()) < 1e-5 and all(float((u - v).abs().max()) < 1e-5 for u, v in zip(a[4], b[4]))
+    assert float((runs[Ref] - runs[Fast]).abs().max() / runs[Ref].abs().max()) < TOL
+    for change in (lambda x: torch.cat([x, x]), lambda x: x.double()):  # batch, dtype mid-loop
+        out = {}
+        for cls in (Ref, Fast):
+            s = cls()
+            s.set_timesteps(6)
+            x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(1))
+            for i, t in enumerate(s.timesteps):
+                if i == 3:
+                    x = change(x)
+                x = s.step(model(x, t), t, x).prev_sample
+            out[cls] = x
+        assert out[Ref].dtype == out[Fast].dtype and out[Ref].shape == out[Fast].shape
+        assert float((out[Ref] - out[Fast]).abs().max() / out[Ref].abs().max()) < TOL
+
+
+def test_non_integer_timestep_finds_diffusers_step():
+    for t in (999.5, torch.tensor(999.5)):
+        r, f = Ref(), Fast()
+        for s in (r, f):
+            s.set_timesteps(10)
+            s.step(torch.zeros(1, 2), t, torch.zeros(1, 2))
+        assert r.step_index == f.step_index
+
+
+def test_flow_prediction_on_vp_sigmas_runs_diffusers_step():
+    """diffusers converts a velocity with the raw VP sigma sqrt((1 - ab)/ab) there (not a path the
+    step knows): the drop-ins hand that mix to diffusers' own step, bit for bit."""
+    from diffusers import DPMSolverMultistepScheduler as RefDPM
+    from fastdiff.diffusers import DPMSolverMultistepScheduler as FastDPM
+    for ref_cls, fast_cls in ((Ref, Fast), (RefDPM, FastDPM)):
+        r, f = ref_cls(prediction_type="flow_prediction"), fast_cls(prediction_type="flow_prediction")
+        for s in (r, f):
+            s.set_timesteps(6)
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+        xr, xf = x.clone(), x.clone()
+        for t in r.timesteps:
+            xr = r.step(model(xr, t), t, xr).prev_sample
+            xf = f.step(model(xf, t), t, xf).prev_sample
+        assert torch.equal(xr, xf)

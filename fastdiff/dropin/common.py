@@ -75,6 +75,8 @@ class _State:
         self.history: dict = {}                      # multistep: (device, shape, dtype) -> history buffers
         self.history_counts: dict = {}               # UniPC: table key -> history tensors each row reads
         self.taken = 0                               # UniPC: steps taken since set_timesteps
+        self.exposed = None                          # UniPC: (key, last_sample, model_outputs, items) set
+        self.handed_over = False                     # UniPC: diffusers' step runs until set_timesteps
         self.next_input = None                       # Euler: (step output, its scaled model input, step index)
         self.ts_obj: Optional[torch.Tensor] = None   # the tensor set_timesteps assigned to .timesteps
         self.ts_key: Optional[int] = None            # hash of host_ts: tables that depend on the list
@@ -197,6 +199,14 @@ class _FastStepMixin:
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
                                 f"got {t.dtype}")
+
+    @staticmethod
+    def _step_input(sample: torch.Tensor, wide: bool) -> torch.Tensor:
+        """The sample as the step reads it: float64 when the step computes in float64, else as it is
+        (the step reads float16 / bfloat16 and computes in float32: no conversion pass)."""
+        if wide:
+            return sample.to(torch.float64)
+        return sample if sample.dtype in (torch.float32, torch.float16, torch.bfloat16) else sample.float()
 
     # -- what every drop-in's step checks and looks up ---------------------------------------------
     @classmethod

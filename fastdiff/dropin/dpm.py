@@ -42,7 +42,10 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
         cfg = self.config
         return (cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and cfg.solver_order in (1, 2)
                 and cfg.solver_type in ("midpoint", "heun") and cfg.variance_type is None
-                and cfg.prediction_type in ("epsilon", "sample", "v_prediction", "flow_prediction"))
+                and cfg.prediction_type in ("epsilon", "sample", "v_prediction", "flow_prediction")
+                # flow_prediction on VP sigmas: diffusers reads x0 = x - sigma u with the raw sigma
+                # sqrt((1 - ab) / ab), not the path's; its own step serves that mix
+                and (cfg.prediction_type != "flow_prediction" or cfg.use_flow_sigmas))
 
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
         """diffusers' own set_timesteps; then the host copy of its sigmas and timesteps."""
@@ -85,7 +88,7 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = self._host_value(timestep, int)
+        t = self._host_value(timestep, float)  # 999.5 matches no timestep, as in diffusers
         if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
             super()._init_step_index(timestep)
             return
@@ -112,23 +115,24 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
         second = self.lower_order_nums >= 1
         row = self._step_row(device, i if second else k + i, 2 * k)
         wide = model_output.dtype == torch.float64 or sample.dtype == torch.float64
-        x = sample.to(torch.float64 if wide else torch.float32)
+        x = self._step_input(sample, wide)
         m = model_output.to(torch.float64) if wide else model_output
-        hist_key = (device, tuple(sample.shape), x.dtype)
+        dt = torch.float64 if wide else torch.float32  # the x0_hat history: float32 (float64 when wide)
+        hist_key = (device, tuple(sample.shape), dt)
         bufs = st.history.get(hist_key)
         if bufs is None:
-            bufs = st.history[hist_key] = [torch.zeros(sample.shape, dtype=x.dtype, device=device) for _ in range(2)]
+            bufs = st.history[hist_key] = [torch.zeros(sample.shape, dtype=dt, device=device) for _ in range(2)]
         prev, new = bufs[i % 2], bufs[(i + 1) % 2]
         noise = seed = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is not None:
-                noise = variance_noise.to(device=device, dtype=x.dtype)
+                noise = variance_noise.to(device=device, dtype=dt)
             elif st.seed is not None:
                 seed = self._seed_tensor(device)
             else:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=torch.float32)
-                noise = noise.to(x.dtype)
-        out = torch.empty(sample.shape, dtype=x.dtype if wide else model_output.dtype, device=device)
+                noise = noise.to(dt)
+        out = torch.empty(sample.shape, dtype=dt if wide else model_output.dtype, device=device)
         step(x, m, self._table(), row, self._options(), noise=noise, seed=seed,
              history=(prev,) if second else (), x0_out=new, out=out,
              **(self._noise_index(x, self.config.thresholding) if seed is not None else {}))

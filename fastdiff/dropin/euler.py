@@ -87,7 +87,7 @@ class _EulerMixin(_FastStepMixin):
         k = len(st.host_ts)
         device = sample.device
         wide = model_output.dtype == torch.float64
-        x = sample.to(torch.float64 if wide else torch.float32)
+        x = self._step_input(sample, wide)
         noise = seed = None
         if self._ancestral:
             if st.seed is not None:
@@ -101,8 +101,10 @@ class _EulerMixin(_FastStepMixin):
             opts = st.options[key] = StepOptions(prediction_type=self.config.prediction_type)
         out = torch.empty(sample.shape, dtype=model_output.dtype, device=device)
         model_in = torch.empty_like(out)
-        _, x0 = step(x, model_output, self._table(), self._step_row(device, i, k), opts, noise=noise, seed=seed, out=out,
-                     model_in_out=model_in, return_x0=True, **(self._noise_index(x) if seed is not None else {}))
+        # pred_original_sample in float32 (float64 when wide), as diffusers computes it from the upcast sample
+        x0 = torch.empty(sample.shape, dtype=torch.float64 if wide else torch.float32, device=device)
+        step(x, model_output, self._table(), self._step_row(device, i, k), opts, noise=noise, seed=seed, out=out,
+             model_in_out=model_in, x0_out=x0, **(self._noise_index(x) if seed is not None else {}))
         self._step_index += 1
         st.next_input = (out, model_in, self._step_index)
         return out, x0

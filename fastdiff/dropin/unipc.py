@@ -14,8 +14,10 @@ between steps (inpainting) gets diffusers' result. The step index is found witho
 Served by the fused step: solver_order 1-3, solver_type "bh1" / "bh2", predict_x0 true or false,
 disable_corrector, lower_order_final, every sigma option, epsilon / sample / v_prediction /
 flow_prediction, thresholding, loops that begin mid-schedule (img2img: the orders warm up from
-the first step taken, as diffusers' lower_order_nums do). ``solver_p`` and solver_order > 3 run
-diffusers' own step, unchanged.
+the first step taken, as diffusers' lower_order_nums do). ``solver_p``, solver_order > 3 and
+flow_prediction without use_flow_sigmas run diffusers' own step, unchanged; so does every step
+after a pipeline replaced ``model_outputs`` / ``last_sample`` or changed the latents' shape or
+dtype mid-loop (the drop-in keeps those attributes as diffusers' are, views of its buffers).
 
 Differences: arithmetic in float32 with coefficients rounded once from float64 (diffusers
 rounds after every float32 operation and solves its small rho systems in float32): outputs agree
@@ -51,8 +53,10 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
         cfg = self.config
         if self.solver_p is not None or cfg.solver_order not in (1, 2, 3) or cfg.solver_type not in ("bh1", "bh2"):
             return False
-        preds = ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if self.predict_x0 else ())
-        return cfg.prediction_type in preds
+        # flow_prediction on VP sigmas: diffusers reads x0 = x - sigma u with the raw sigma
+        # sqrt((1 - ab) / ab), not the path's; its own step serves that mix
+        flow_ok = self.predict_x0 and cfg.use_flow_sigmas
+        return cfg.prediction_type in ("epsilon", "sample", "v_prediction") + (("flow_prediction",) if flow_ok else ())
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
         """diffusers' own set_timesteps; then the host copy of its sigmas and timesteps."""
@@ -64,6 +68,8 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
         st.ts_key = hash((st.host_sigmas.tobytes(), st.host_ts.tobytes()))
         st.history = {}
         st.taken = 0
+        st.exposed = None
+        st.handed_over = False
 
     def _table(self, begin: int) -> Tuple[Table, list]:
         """The Table of a loop whose first step is ``begin``, and per row how many history tensors it reads."""
@@ -104,12 +110,33 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
         if self.begin_index is not None:
             self._step_index = self._begin_index
             return
-        t = self._host_value(timestep, int)
+        t = self._host_value(timestep, float)
         if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
             super()._init_step_index(timestep)
             return
         where = np.nonzero(self._fd.host_ts == t)[0]  # diffusers' rule: the second match, else the last step
         self._step_index = int(where[1] if len(where) > 1 else (where[0] if len(where) else len(self._fd.host_ts) - 1))
+
+    # -- diffusers' state, kept as views of the fused step's buffers ----------------------------------
+    def _state_intact(self, key) -> bool:
+        """Whether diffusers' state attributes are still the views the last fused step set and the
+        samples keep their device, shape and dtype: a pipeline that edits model_outputs or
+        last_sample between steps (ChronoEdit slices them to two frames) or changes the latents'
+        shape has diffusers' step run from then on, with that state."""
+        st = self._fd
+        seen = st.exposed
+        return (seen is not None and seen[0] == key and self.last_sample is seen[1] and self.model_outputs is seen[2]
+                and all(a is b for a, b in zip(self.model_outputs, seen[3])))
+
+    def _expose_state(self, key, preds, corrected, n: int, timestep) -> None:
+        """model_outputs = [M_{n-p+1} .. M_n] (None before the first), last_sample = this step's
+        corrected sample: views of the ring buffers, which the next step does not overwrite."""
+        p, r = self.config.solver_order, len(preds)
+        outs = [preds[j % r] if j >= 0 else None for j in range(n - p + 1, n + 1)]
+        self.model_outputs = outs
+        self.last_sample = corrected[n % 2]
+        self.timestep_list = list(self.timestep_list[1:]) + [timestep]
+        self._fd.exposed = (key, self.last_sample, outs, list(outs))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              return_dict: bool = True) -> Union[SchedulerOutput, Tuple]:
@@ -118,39 +145,42 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if not self._fused_config() or getattr(self._fd, "host_sigmas", None) is None:
+        st = self._fd
+        if not self._fused_config() or getattr(st, "host_sigmas", None) is None or st.handed_over:
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        wide = model_output.dtype == torch.float64 or sample.dtype == torch.float64
+        dt = torch.float64 if wide else torch.float32
+        key = (sample.device, tuple(sample.shape), dt)
+        if st.taken and not self._state_intact(key):
+            st.handed_over = True  # diffusers' step from here on, from the state it reads
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         i = self._begin_step(model_output, timestep, sample)
-        st = self._fd
         k, n = len(st.host_ts), st.taken
         table, counts = self._table(i - n)
         device = sample.device
-        wide = model_output.dtype == torch.float64 or sample.dtype == torch.float64
-        dt = torch.float64 if wide else torch.float32
-        x = sample.to(dt)
+        x = self._step_input(sample, wide)
         m = model_output.to(torch.float64) if wide else model_output
-        key = (device, tuple(sample.shape), dt)
         bufs = st.history.get(key)
+        p = self.config.solver_order
         if bufs is None:
             # predictions M_j in solver_order + 1 slots (slot j % R), corrected samples in 2
-            r = self.config.solver_order + 1
-            bufs = st.history[key] = ([torch.zeros(sample.shape, dtype=dt, device=device) for _ in range(r)],
+            bufs = st.history[key] = ([torch.zeros(sample.shape, dtype=dt, device=device) for _ in range(p + 1)],
                                       [torch.zeros(sample.shape, dtype=dt, device=device) for _ in range(2)])
         preds, corrected = bufs
         r = len(preds)
-        hist = [preds[(n - 1 - j) % r] for j in range(3)] + [corrected[(n - 1) % 2]]
-        last = i + 1 == k
-        out = torch.empty(sample.shape, dtype=sample.dtype if not wide else dt, device=device)
-        outputs = {} if last else {("x0_out" if self.predict_x0 else "eps_out"): preds[n % r],
-                                   "xc_out": corrected[n % 2]}
+        # H0 .. H_{p-1}: the previous predictions, H_p: the previous corrected sample (unipc_table)
+        hist = [preds[(n - 1 - j) % r] for j in range(p)] + [corrected[(n - 1) % 2]]
+        out = torch.empty(sample.shape, dtype=dt if wide else sample.dtype, device=device)
         step(x, m, table, self._step_row(device, i, k), self._options(), history=tuple(hist[:counts[i]]), out=out,
-             **outputs)
+             xc_out=corrected[n % 2], **{("x0_out" if self.predict_x0 else "eps_out"): preds[n % r]})
         out = out.to(sample.dtype)
         st.taken = n + 1
-        # diffusers' bookkeeping, for code that reads it
-        self.this_order = None
-        if self.lower_order_nums < self.config.solver_order:
+        # diffusers' bookkeeping, for code that reads it (and for its own step after a hand-over)
+        order = min(p, k - i) if self.config.lower_order_final else p
+        self.this_order = min(order, self.lower_order_nums + 1)
+        if self.lower_order_nums < p:
             self.lower_order_nums += 1
+        self._expose_state(key, preds, corrected, n, timestep)
         self._step_index += 1
         if not return_dict:
             return (out,)

@@ -246,7 +246,8 @@ def dynamic_thresholds(x, model_output, table: torch.Tensor, index, options: Ste
     plain = StepOptions(prediction_type=options.prediction_type, guidance=guidance_cond is not None)
     xf = x if wide or x.dtype == torch.float32 else x.float()
     mf = model_output if wide or model_output.dtype == torch.float32 else model_output.float()
-    _, x0, _, _ = _fused.reference(xf, mf, table, index, plain, guidance_cond=guidance_cond,
+    # an index outside the table reads its nearest row, as the step itself does
+    _, x0, _, _ = _fused.reference(xf, mf, table, index.clamp(0, table.shape[0] - 1), plain, guidance_cond=guidance_cond,
                                    guidance_scale=guidance_scale, guidance_factor=guidance_factor)
     flat = x0.reshape(x0.shape[0], -1).abs()
     s = quantile_rows(flat, options.dynamic_thresholding_ratio)

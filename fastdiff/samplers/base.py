@@ -268,7 +268,9 @@ class Sampler:
         ``shard`` (a ``fastdiff.engine.shard.Shard`` along a dimension; then ``shape`` may be
         omitted): x is that part of a larger latent and draws exactly its part of the latent's
         noise; the model is called on the shard (a sequence-parallel model gathers what it needs).
-        ``callback(i, t, x)`` runs after each step (it must not sync the host to stay fast).
+        ``callback(i, t, x)`` runs after each step (it must not sync the host to stay fast; an edit
+        of x in place is the next step's x_t, which for "unipc" is also its corrector's base: see
+        fastdiff/samplers/unipc.py).
         """
         if shard is not None:
             shape = check_shard(self, shard, shape, x, sample_offset)

@@ -10,6 +10,11 @@ base terms with the corrector, the correction is x_t plus a combination of predi
 So one row of ``fastdiff._C.unipc_table`` over x_t, x0_hat and up to three history tensors is
 the whole predictor-corrector step: one pass over memory, one model call per step, as diffusers'
 loop has (its corrector reuses the model output of the next step's input).
+
+A ``callback`` that edits x in place therefore edits the base the next correction starts from;
+diffusers' scheduler corrects from the corrected sample it kept (last_sample), whatever the
+latents became. For that behaviour with edited latents, use the drop-in
+(``fastdiff.diffusers.UniPCMultistepScheduler``), which keeps the corrected sample.
 """
 from __future__ import annotations
 

@@ -455,6 +455,12 @@ def reference(x, model_output, table, step, options, *, used=None, thresholds=No
     for h, col in zip(hs, HISTORY_COLUMNS):
         x_s = x_s.addcmul_(h, row[COL[col]])
     extra = {}
+    # x0_hat (sample prediction) or eps_hat (epsilon) may be the model output tensor itself: step()
+    # copies the outputs after one another, and one of them may be the model output (in place).
+    if need_x0 and x0 is model_output:
+        x0 = x0.clone()
+    if need_eps and eps is model_output:
+        eps = eps.clone()
     if need_xc:
         x_c = xf * row[COL["xc_xt"]]
         x_c = x_c.addcmul_(x0, row[COL["xc_x0"]]).addcmul_(eps, row[COL["xc_eps"]])
