@@ -52,6 +52,15 @@ def loops(cfg, steps, *, dtype=torch.float32, backend=None, begin=None, shape=(2
     return worst
 
 
+def paired(r, f, x, timesteps):
+    """diffusers' scheduler ``r`` and the drop-in ``f`` stepping the same model from ``x``."""
+    xr, xf = x.clone(), x.clone()
+    for t in timesteps:
+        xr = r.step(model(xr, t), t, xr).prev_sample
+        xf = f.step(model(xf, t), t, xf).prev_sample
+    return xr, xf
+
+
 def diffusers_finite(cfg, steps) -> bool:
     r = Ref(**cfg)
     r.set_timesteps(steps)
@@ -313,11 +322,7 @@ def test_img2img_start_warms_up_from_the_first_step():
     r, f = Ref(solver_order=3), Fast(solver_order=3)
     for s in (r, f):
         s.set_timesteps(10)
-    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
-    xr, xf = x.clone(), x.clone()
-    for t in r.timesteps[4:]:
-        xr = r.step(model(xr, t), t, xr).prev_sample
-        xf = f.step(model(xf, t), t, xf).prev_sample
+    xr, xf = paired(r, f, torch.randn(2, 3, generator=torch.Generator().manual_seed(1)), r.timesteps[4:])
     assert float((xr - xf).abs().max() / xr.abs().max()) < TOL
 
 
@@ -342,11 +347,7 @@ def test_unserved_configs_run_diffusers_step():
     r, f = Ref(solver_p=solver_p), Fast(solver_p=diffusers.DDIMScheduler())
     for s in (r, f):
         s.set_timesteps(6)
-    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
-    xr, xf = x.clone(), x.clone()
-    for t in r.timesteps:
-        xr = r.step(model(xr, t), t, xr).prev_sample
-        xf = f.step(model(xf, t), t, xf).prev_sample
+    xr, xf = paired(r, f, torch.randn(2, 3, generator=torch.Generator().manual_seed(2)), r.timesteps)
     assert torch.equal(xr, xf)
 
 
@@ -408,11 +409,7 @@ def test_custom_flow_sigmas_and_dynamic_shifting():
         r.set_timesteps(**kw)
         f.set_timesteps(**kw)
         assert torch.equal(r.sigmas, f.sigmas) and torch.equal(r.timesteps, f.timesteps)
-        x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
-        xr, xf = x.clone(), x.clone()
-        for t in r.timesteps:
-            xr = r.step(model(xr, t), t, xr).prev_sample
-            xf = f.step(model(xf, t), t, xf).prev_sample
+        xr, xf = paired(r, f, torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), r.timesteps)
         assert float((xr - xf).abs().max() / xr.abs().max().clamp_min(1)) < TOL
 
 
@@ -475,9 +472,5 @@ def test_flow_prediction_on_vp_sigmas_runs_diffusers_step():
         r, f = ref_cls(prediction_type="flow_prediction"), fast_cls(prediction_type="flow_prediction")
         for s in (r, f):
             s.set_timesteps(6)
-        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
-        xr, xf = x.clone(), x.clone()
-        for t in r.timesteps:
-            xr = r.step(model(xr, t), t, xr).prev_sample
-            xf = f.step(model(xf, t), t, xf).prev_sample
+        xr, xf = paired(r, f, torch.randn(2, 3, generator=torch.Generator().manual_seed(2)), r.timesteps)
         assert torch.equal(xr, xf)
