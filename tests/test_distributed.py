@@ -70,6 +70,9 @@ SAMPLERS = {
     "ddim-eta": {"sampler": "ddim", "eta": 0.7},
     "ocm-ddpm": {"sampler": "ocm-ddpm", "head": head},
     "flow-stochastic": {"sampler": "flow-stochastic"},
+    # multistep: history buffers per rank; the SDE draws its noise in the step
+    "dpmpp-2m-sde": {"sampler": "dpmpp-2m-sde"},
+    "unipc": {"sampler": "unipc", "solver_order": 3},
 }
 BATCH = (5, 3, 4)      # 5 samples: 3 + 2 over 2 ranks, 2 + 2 + 1 over 3
 SEQ = (2, 7, 3)        # 7 tokens: 4 + 3 over 2 ranks, 3 + 2 + 2 over 3
