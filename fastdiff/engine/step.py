@@ -112,9 +112,10 @@ def _check_output(name, t, shape, device, wide):
 
 def _span(t: torch.Tensor) -> tuple:
     """The [first, last + 1) byte addresses of ``t``'s elements (every element lies inside)."""
-    base, es = t.data_ptr(), t.element_size()
+    base = t.data_ptr()
     if t.is_contiguous():
-        return base, base + t.numel() * es
+        return base, base + t.nbytes
+    es = t.element_size()
     lo = hi = 0
     for st, sz in zip(t.stride(), t.shape):
         if st > 0:
@@ -131,10 +132,11 @@ def _check_aliasing(outputs, inputs) -> None:
     program already wrote, or write one address twice, and the result would depend on the
     backend and the launch order. Checked by byte span (about 2 us a step), so two interleaved
     views of one buffer (x[..., ::2] and x[..., 1::2]) are refused too: give separate tensors."""
-    spans = [(iname, t) + _span(t) for iname, t in inputs if t.numel()]  # each input's bytes, once
-    for i, (oname, o) in enumerate(outputs):
-        if o.numel() == 0:
-            continue
+    if outputs[0][1].numel() == 0:  # every output has x's shape: nothing is written
+        return
+    spans = [(iname, t) + _span(t) for iname, t in inputs if t.numel()]  # each tensor's bytes, once
+    written = []
+    for oname, o in outputs:
         a0, a1 = _span(o)
         for iname, t, b0, b1 in spans:
             if t is o:
@@ -143,13 +145,11 @@ def _check_aliasing(outputs, inputs) -> None:
                 raise ValueError(f"{oname} shares memory with {iname} without being it (same data pointer, strides "
                                  f"and dtype): the step would read elements it has already overwritten; give "
                                  f"{oname}={iname} for in place, or a separate tensor")
-        for pname, p in outputs[:i]:
-            if p.numel() == 0:
-                continue
-            b0, b1 = _span(p)
+        for pname, b0, b1 in written:
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{pname} and {oname} must be different tensors that do not share memory: both "
                                  "are written by the step")
+        written.append((oname, a0, a1))
 
 
 def _check_precision(table_obj: Table, options: "StepOptions") -> None:
