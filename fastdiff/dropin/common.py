@@ -397,3 +397,30 @@ class _VPStepMixin(_FastStepMixin):
         noise_index = self._noise_index(sample, options.thresholding) if seed is not None else {}
         return step(sample, model_output, table, row, options, noise=noise, seed=seed, aux=aux, return_x0=True,
                     **noise_index)
+
+
+class _MultistepMixin(_FastStepMixin):
+    """What the multistep drop-ins (DPM-Solver++, UniPC) share: host copies of the sigmas and
+    timesteps diffusers' set_timesteps made, and diffusers' step-index rule without its sync."""
+
+    def _record_sigma_steps(self) -> None:
+        """After diffusers' own set_timesteps: the host copies the tables are built from (one read
+        here, outside the loop, instead of a sync at the first step); the history starts empty."""
+        st = self._fd
+        st.host_sigmas = self.sigmas.detach().cpu().to(torch.float64).numpy()  # diffusers keeps them on the CPU
+        ts = self.timesteps
+        st.host_ts = ts.detach().cpu().numpy().astype(np.int64)
+        st.ts_obj, st.ts_version = ts, _version_of(ts)
+        st.ts_key = hash((st.host_sigmas.tobytes(), st.host_ts.tobytes()))
+        st.history = {}
+
+    def _init_step_index(self, timestep) -> None:
+        if self.begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        t = self._host_value(timestep, float)  # 999.5 matches no timestep, as in diffusers
+        if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
+            super()._init_step_index(timestep)
+            return
+        where = np.nonzero(self._fd.host_ts == t)[0]  # diffusers' rule: the second match, else the last step
+        self._step_index = int(where[1] if len(where) > 1 else (where[0] if len(where) else len(self._fd.host_ts) - 1))

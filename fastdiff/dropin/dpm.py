@@ -28,10 +28,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._ext import C
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
-from .common import _FastStepMixin, _version_of
+from .common import _MultistepMixin
 
 
-class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
+class DPMSolverMultistepScheduler(_MultistepMixin, _DiffusersDPMSolverMultistep):
     """diffusers' ``DPMSolverMultistepScheduler`` with fastdiff's fused step (see the module
     docstring for what it serves). Extra: ``set_noise_seed`` (in-kernel noise for the SDE
     variant), ``backend``."""
@@ -50,15 +50,7 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
         """diffusers' own set_timesteps; then the host copy of its sigmas and timesteps."""
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, mu=mu, timesteps=timesteps)
-        st = self._fd
-        st.host_sigmas = self.sigmas.detach().cpu().to(torch.float64).numpy()  # diffusers keeps them on the CPU
-        ts = self.timesteps
-        st.host_ts = ts.detach().cpu().numpy().astype(np.int64) if ts.device.type == "cpu" else None
-        if st.host_ts is None:  # one read here, outside the loop, instead of one sync at its first step
-            st.host_ts = ts.cpu().numpy().astype(np.int64)
-        st.ts_obj, st.ts_version = ts, _version_of(ts)
-        st.ts_key = hash((st.host_sigmas.tobytes(), st.host_ts.tobytes()))
-        st.history = {}
+        self._record_sigma_steps()
 
     def _table(self) -> Table:
         cfg, st = self.config, self._fd
@@ -82,18 +74,6 @@ class DPMSolverMultistepScheduler(_FastStepMixin, _DiffusersDPMSolverMultistep):
                 dynamic_thresholding_ratio=float(cfg.dynamic_thresholding_ratio),
                 sample_max_value=float(cfg.sample_max_value))
         return opts
-
-    # -- the step index, without a host sync ------------------------------------------------------
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        t = self._host_value(timestep, float)  # 999.5 matches no timestep, as in diffusers
-        if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
-            super()._init_step_index(timestep)
-            return
-        where = np.nonzero(self._fd.host_ts == t)[0]  # diffusers' rule: the second match, else the last step
-        self._step_index = int(where[1] if len(where) > 1 else (where[0] if len(where) else len(self._fd.host_ts) - 1))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,

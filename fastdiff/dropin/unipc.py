@@ -38,12 +38,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .._ext import C
 from ..engine.step import StepOptions, step
 from ..engine.tables import Table
-from .common import _FastStepMixin, _version_of
+from .common import _MultistepMixin
 
 _HIST_COLS = [C.COLUMNS.index(f"{p}_h{k}") for k in range(4) for p in ("c", "xc")]
 
 
-class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
+class UniPCMultistepScheduler(_MultistepMixin, _DiffusersUniPC):
     """diffusers' ``UniPCMultistepScheduler`` with fastdiff's fused predictor-corrector step (see
     the module docstring for what it serves). Extra: ``backend``."""
 
@@ -61,12 +61,8 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
         """diffusers' own set_timesteps; then the host copy of its sigmas and timesteps."""
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu)
+        self._record_sigma_steps()
         st = self._fd
-        st.host_sigmas = self.sigmas.detach().cpu().to(torch.float64).numpy()  # diffusers keeps them on the CPU
-        st.host_ts = self.timesteps.detach().cpu().numpy().astype(np.int64)  # one read here, outside the loop
-        st.ts_obj, st.ts_version = self.timesteps, _version_of(self.timesteps)
-        st.ts_key = hash((st.host_sigmas.tobytes(), st.host_ts.tobytes()))
-        st.history = {}
         st.taken = 0
         st.exposed = None
         st.handed_over = False
@@ -74,14 +70,15 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
     def _table(self, begin: int) -> Tuple[Table, list]:
         """The Table of a loop whose first step is ``begin``, and per row how many history tensors it reads."""
         cfg, st = self.config, self._fd
+        disable = tuple(int(j) for j in self.disable_corrector)  # read each step: code may edit the list
 
         def build():
             return C.unipc_table(st.host_sigmas, st.host_ts.astype(np.float64), bool(cfg.use_flow_sigmas),
                                  int(cfg.solver_order), cfg.solver_type, bool(cfg.lower_order_final),
-                                 [int(j) for j in self.disable_corrector], bool(self.predict_x0), int(begin), True)
+                                 list(disable), bool(self.predict_x0), int(begin), True)
 
-        key = ("unipc", st.ts_key, cfg.solver_order, cfg.solver_type, cfg.lower_order_final,
-               tuple(int(j) for j in self.disable_corrector), bool(self.predict_x0), cfg.use_flow_sigmas, int(begin))
+        key = ("unipc", st.ts_key, cfg.solver_order, cfg.solver_type, cfg.lower_order_final, disable,
+               bool(self.predict_x0), cfg.use_flow_sigmas, int(begin))
         table = self._cached_table(key, build)
         counts = st.history_counts.get(key)
         if counts is None:
@@ -104,18 +101,6 @@ class UniPCMultistepScheduler(_FastStepMixin, _DiffusersUniPC):
                 dynamic_thresholding_ratio=float(cfg.dynamic_thresholding_ratio),
                 sample_max_value=float(cfg.sample_max_value))
         return opts
-
-    # -- the step index, without a host sync ------------------------------------------------------
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        t = self._host_value(timestep, float)
-        if t is None:  # a device value we cannot read for free: diffusers' lookup (one sync)
-            super()._init_step_index(timestep)
-            return
-        where = np.nonzero(self._fd.host_ts == t)[0]  # diffusers' rule: the second match, else the last step
-        self._step_index = int(where[1] if len(where) > 1 else (where[0] if len(where) else len(self._fd.host_ts) - 1))
 
     # -- diffusers' state, kept as views of the fused step's buffers ----------------------------------
     def _state_intact(self, key) -> bool:
